@@ -1,0 +1,56 @@
+"""One request's life in the engine: its tokens, KV blocks, adapter and finish state."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from server.engine.request import GenerationRequest
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    generator: object = None  # torch.Generator for seeded sampling; opaque to the scheduler
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # tokens whose keys/values are in the KV cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    text: str = ""  # output text so far, truncated at a stop string when one matched
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.request.adapter
+
+    @property
+    def sampling(self):
+        return self.request.sampling
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def uncached_ids(self) -> list[int]:
+        """Tokens still to feed: the prompt (or all tokens after preemption), else the last output."""
+        return self.all_ids[self.num_cached_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

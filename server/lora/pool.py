@@ -1,0 +1,74 @@
+"""The device tier of adapters: preallocated LoRA slots that the kernels read.
+
+For each layer and fused projection, `num_slots` slots of `max_rank`, zero-padded (see
+kernels/lora_reference.py for the layout). Loading an adapter into a slot overwrites that
+slot completely, so no trace of the previous tenant's weights survives. Which adapter sits
+in which slot, and when a slot may be reused, is decided by `SlotTable` (server/lora/slots.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.lora.adapter import LoRAAdapter
+from server.model.llama import LlamaModel, LoRASlots
+
+# Our fused projections and the PEFT module names of their slices, in order.
+PROJECTION_SLICES = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+class AdapterPool:
+    def __init__(self, model: LlamaModel, num_slots: int, max_rank: int):
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        weight = model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self._slots: dict[tuple[int, str], LoRASlots] = {}
+        for layer, name, proj in model.projections():
+            in_features = proj.weight.shape[1]
+            slots = LoRASlots(
+                lora_a=[self._zeros(num_slots, max_rank, in_features) for _ in proj.out_sizes],
+                lora_b=[self._zeros(num_slots, out, max_rank) for out in proj.out_sizes],
+                scales=torch.zeros(num_slots, len(proj.out_sizes), dtype=torch.float32, device=self.device),
+            )
+            proj.lora = slots
+            self._slots[(layer, name)] = slots
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for s in self._slots.values():
+            total += sum(t.nbytes for t in s.lora_a) + sum(t.nbytes for t in s.lora_b) + s.scales.nbytes
+        return total
+
+    def load(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Write an adapter into a slot; modules it does not target get zeros."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter rank {adapter.rank} exceeds the pool's max rank {self.max_rank}")
+        self.clear(slot)
+        for (layer, proj_name), slots in self._slots.items():
+            for i, module in enumerate(PROJECTION_SLICES[proj_name]):
+                weights = adapter.modules.get((layer, module))
+                if weights is None:
+                    continue
+                r = weights.rank
+                slots.lora_a[i][slot, :r].copy_(weights.lora_a)
+                slots.lora_b[i][slot, :, :r].copy_(weights.lora_b)
+                slots.scales[slot, i] = weights.scale
+
+    def clear(self, slot: int) -> None:
+        for slots in self._slots.values():
+            for a, b in zip(slots.lora_a, slots.lora_b):
+                a[slot].zero_()
+                b[slot].zero_()
+            slots.scales[slot].zero_()

@@ -1,0 +1,156 @@
+"""Our Llama-family forward (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flattened batch.
+
+Tokens of many sequences — prefill chunks and single decode tokens alike — are laid end to
+end as one (T, hidden) batch: every linear runs once for all of them, attention looks up each
+sequence's own keys in the paged KV cache. q/k/v and gate/up are fused projections. Each
+projection may carry LoRA slots (set by the adapter pool); the per-step `LoRABatchMeta` says
+which slot each token uses. No HTTP, no tenants: just tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels import LoRABatchMeta
+from server.model.attention import AttentionMeta, paged_attention
+from server.model.config import ModelConfig
+from server.model.kv_cache import KVCache
+from server.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class LoRASlots:
+    """One projection's adapter pool, slice by slice (see kernels/lora_reference.py)."""
+
+    lora_a: list[torch.Tensor]  # per slice: (num_slots, max_rank, in_features)
+    lora_b: list[torch.Tensor]  # per slice: (num_slots, out_i, max_rank)
+    scales: torch.Tensor  # (num_slots, n_slices) float32
+
+
+class Projection(nn.Module):
+    """A (fused) linear: `x W^T (+ b)` for the whole batch, then each token's own LoRA delta."""
+
+    def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool):
+        super().__init__()
+        self.out_sizes = out_sizes
+        self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
+        self.lora: LoRASlots | None = None
+
+    def forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and lora_meta is not None and lora_meta.has_lora:
+            v = kernels.lora_shrink(x, self.lora.lora_a, lora_meta)
+            kernels.lora_expand(y, v, self.lora.lora_b, self.lora.scales, lora_meta)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, as transformers does, then back to the model dtype before the scale
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
+        self.qkv_proj = Projection(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
+        self.o_proj = Projection(cfg.q_size, (cfg.hidden_size,), cfg.o_bias)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache, attn: AttentionMeta, lora: LoRABatchMeta | None):
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x, lora).split(self.qkv_proj.out_sizes, dim=-1)
+        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)  # (T, nh, hd)
+        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # (T, nkv, hd)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        kv_cache.write(self.layer, attn.slot_mapping, k, v)
+        out = paged_attention(q, kv_cache, self.layer, attn, self.scale)  # (T, nh, hd)
+        return self.o_proj(out.reshape(T, -1), lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = Projection(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias)
+        self.down_proj = Projection(cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias)
+
+    def forward(self, x, lora: LoRABatchMeta | None):
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache, attn, lora):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE table (after building on the meta device)."""
+        cfg = self.config
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.embed_tokens.weight.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) flattened tokens of all sequences
+        attn: AttentionMeta,
+        kv_cache: KVCache,
+        lora: LoRABatchMeta | None = None,
+        logits_indices: torch.Tensor | None = None,  # rows whose logits are wanted; None = all
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        cos, sin = rope_cos_sin(attn.positions, self.inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache, attn, lora)
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices)
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return F.linear(x, head).float()  # (n, vocab)
+
+    def projections(self):
+        """(layer index, projection name, module) for every LoRA-capable projection."""
+        for i, layer in enumerate(self.layers):
+            yield i, "qkv_proj", layer.self_attn.qkv_proj
+            yield i, "o_proj", layer.self_attn.o_proj
+            yield i, "gate_up_proj", layer.mlp.gate_up_proj
+            yield i, "down_proj", layer.mlp.down_proj

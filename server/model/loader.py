@@ -1,0 +1,103 @@
+"""Build our Llama model on the meta device and fill it from a safetensors checkpoint.
+
+Hugging Face's separate q/k/v and gate/up weights are concatenated into our fused
+projections as they are read; every expected tensor must be present and fit exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from server.model.config import ModelConfig
+from server.model.llama import LlamaModel
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# HF sub-module -> (our projection, index of the slice it fills)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's tensors do not fit the model its config describes."""
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        with open(index) as f:
+            return sorted({path / name for name in json.load(f)["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {path}")
+    return files
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> LlamaModel:
+    path = Path(path)
+    cfg = ModelConfig.from_dir(path)
+    with torch.device("meta"):
+        model = LlamaModel(cfg).to(dtype)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {name: 0 for name in params}  # elements written per parameter
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                target = _target(key, cfg)
+                if target is None:
+                    continue
+                name, row_offset, rows = target
+                if name not in params:
+                    raise CheckpointError(f"unexpected tensor {key!r} in {file.name}")
+                tensor = f.get_tensor(key)
+                _copy_rows(params[name], tensor, row_offset, rows, key)
+                filled[name] += tensor.numel()
+    missing = [n for n, count in filled.items() if count != params[n].numel()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks tensors for: {', '.join(missing[:5])}")
+    model.reset_rope()
+    return model.eval()
+
+
+def _target(key: str, cfg: ModelConfig) -> tuple[str, int, int | None] | None:
+    """Our parameter name, and the row offset and row count where an HF tensor goes
+    (rows None: the whole parameter); None for tensors we do not use."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return None
+    if key == "lm_head.weight":
+        return None if cfg.tie_word_embeddings else ("lm_head", 0, None)
+    m = _LAYER_KEY.fullmatch(key)
+    if not m:
+        return (key.removeprefix("model."), 0, None)
+    layer, rest = m.groups()
+    module, _, kind = rest.rpartition(".")
+    if module in _FUSED:
+        fused, slice_idx = _FUSED[module]
+        sizes = _slice_sizes(fused, cfg)
+        return f"layers.{layer}.{fused}.{kind}", sum(sizes[:slice_idx]), sizes[slice_idx]
+    return f"layers.{layer}.{rest}", 0, None
+
+
+def _slice_sizes(fused: str, cfg: ModelConfig) -> tuple[int, ...]:
+    if fused.endswith("qkv_proj"):
+        return (cfg.q_size, cfg.kv_size, cfg.kv_size)
+    return (cfg.intermediate_size, cfg.intermediate_size)
+
+
+def _copy_rows(param: torch.nn.Parameter, tensor: torch.Tensor, row_offset: int, rows: int | None, key: str) -> None:
+    rows = param.shape[0] if rows is None else rows
+    expected = (rows, *param.shape[1:])
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}")
+    with torch.no_grad():
+        param.data[row_offset : row_offset + rows].copy_(tensor)
