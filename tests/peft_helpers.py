@@ -1,0 +1,35 @@
+"""Adapters made by `peft` itself, with random non-zero lora_B, saved as peft saves them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+# Named LoRA configurations the equivalence tests sweep.
+LORA_CONFIGS = {
+    "r8-qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "r16-all-linear-rslora": dict(r=16, lora_alpha=32, target_modules="all-linear", use_rslora=True),
+    "patterns": dict(
+        r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj", "down_proj", "up_proj"],
+        rank_pattern={"k_proj": 4, "down_proj": 12}, alpha_pattern={"o_proj": 24, "down_proj": 6},
+    ),
+    "layers-to-transform": dict(r=4, lora_alpha=8, target_modules=["v_proj", "gate_proj"], layers_to_transform=[0]),
+}
+
+
+def make_peft_model(base, config_name: str, seed: int, b_std: float = 0.05):
+    """Wrap `base` (modified in place by peft) with a random adapter; returns the PeftModel."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, LoraConfig(**LORA_CONFIGS[config_name]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+    return peft_model.eval()
+
+
+def save_adapter(peft_model, path: Path) -> Path:
+    peft_model.save_pretrained(path)
+    return path
