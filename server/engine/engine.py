@@ -69,6 +69,7 @@ class Engine:
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Engine":
@@ -207,6 +208,7 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop its KV blocks, requeue it at the front."""
+        self.num_preemptions += 1
         self._release(seq)
         seq.num_cached_tokens = 0
         seq.status = SequenceStatus.WAITING

@@ -1,0 +1,87 @@
+"""Engine behaviour on the default model: stops, limits, seeds, preemption, adapter slots."""
+
+import pytest
+import torch
+
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, SamplingParams
+from server.lora.adapter import LoRAAdapter, LoRAModuleWeights
+
+
+def random_adapter(model_config, rank: int, seed: int, modules=("q_proj", "v_proj", "down_proj")) -> LoRAAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = model_config.linear_shapes()
+    weights = {}
+    for layer in range(model_config.num_layers):
+        for m in modules:
+            fan_in, fan_out = shapes[m]
+            weights[(layer, m)] = LoRAModuleWeights(
+                lora_a=torch.randn(rank, fan_in, generator=gen) / fan_in**0.5,
+                lora_b=torch.randn(fan_out, rank, generator=gen) * 0.05,
+                scale=2.0,
+            )
+    return LoRAAdapter(rank=rank, alpha=2 * rank, use_rslora=False, target_modules=tuple(sorted(modules)), modules=weights)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    e = Engine(default_model_dir, Settings(max_loras=2, max_lora_rank=8, num_kv_blocks=24, kv_block_size=8, max_num_seqs=8, max_model_len=512))
+    for i in range(3):
+        e.add_adapter(f"tenant-{i}", random_adapter(e.model.config, rank=4 + 2 * i, seed=i))
+    return e
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, **kw)
+
+
+def test_max_tokens_ends_with_length(engine):
+    (r,) = engine.generate([GenerationRequest("Count to one hundred:", greedy(5, ignore_eos=True))])
+    assert len(r.token_ids) == 5 and r.finish_reason == "length"
+
+
+def test_stop_string_truncates_the_text(engine):
+    request = GenerationRequest("Write a short poem about rivers.", greedy(24, ignore_eos=True), chat=True)
+    (full,) = engine.generate([request])
+    stop = full.text.strip().split()[3]  # a word from the middle of the answer
+    (stopped,) = engine.generate([GenerationRequest(request.prompt, greedy(24, stop=(stop,)), chat=True)])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.find(stop)]
+    assert len(stopped.token_ids) < len(full.token_ids)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engine):
+    sampled = GenerationRequest("Tell me about cats.", SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234), chat=True)
+    (a,) = engine.generate([sampled])
+    (b,) = engine.generate([sampled])
+    together = engine.generate([GenerationRequest("Hello", greedy(6)), sampled, GenerationRequest("Dogs are", greedy(9), adapter="tenant-1")])
+    other = GenerationRequest("Tell me about cats.", SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=99), chat=True)
+    (c,) = engine.generate([other])
+    assert a.token_ids == b.token_ids == together[1].token_ids
+    assert c.token_ids != a.token_ids
+
+
+def test_more_adapters_than_slots_and_preemption_give_the_same_tokens(engine):
+    """3 adapters over 2 slots, and a KV cache too small for everyone at once (24 blocks of
+    8 tokens): requests wait or are preempted, and still produce what they produce alone."""
+    prompts = ["The history of Rome", "My favourite recipe is", "In the year 2050,", "Quantum physics says", "The ocean"]
+    requests = [
+        GenerationRequest(p, greedy(40, ignore_eos=True), adapter=[None, "tenant-0", "tenant-1", "tenant-2"][i % 4])
+        for i, p in enumerate(prompts)
+    ]
+    preemptions = engine.num_preemptions
+    together = engine.generate(requests)
+    assert engine.num_preemptions > preemptions
+    alone = [engine.generate([r])[0] for r in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
+    assert len({tuple(r.token_ids[:10]) for r in alone[1:4]}) == 3  # the adapters differ
+
+
+def test_unknown_adapter_and_oversized_prompt_are_refused(engine):
+    with pytest.raises(KeyError, match="nobody"):
+        engine.generate([GenerationRequest("hi", greedy(2), adapter="nobody")])
+    with pytest.raises(ValueError, match="context"):
+        engine.generate([GenerationRequest(list(range(1, 600)), greedy(2))])
+    assert not engine.waiting and not engine.running
