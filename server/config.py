@@ -25,6 +25,7 @@ class Settings:
     kv_block_size: int = 16  # LORAPLEX_KV_BLOCK_SIZE: tokens per KV cache block
     num_kv_blocks: int = 0  # LORAPLEX_NUM_KV_BLOCKS: 0 = derive from max_num_seqs x context
     max_num_seqs: int = 32  # LORAPLEX_MAX_NUM_SEQS
+    max_num_batched_tokens: int = 2048  # LORAPLEX_MAX_NUM_BATCHED_TOKENS: tokens per step (prefill chunks + decodes)
     max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 4096)
 
     @classmethod
@@ -48,6 +49,8 @@ class Settings:
             raise ValueError("max_lora_rank must be >= 1")
         if self.max_loras < 1:
             raise ValueError("max_loras must be >= 1")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.kv_block_size < 1:
             raise ValueError("kv_block_size must be >= 1")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:

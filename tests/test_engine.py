@@ -67,7 +67,7 @@ def test_more_adapters_than_slots_and_preemption_give_the_same_tokens(engine):
     8 tokens): requests wait or are preempted, and still produce what they produce alone."""
     prompts = ["The history of Rome", "My favourite recipe is", "In the year 2050,", "Quantum physics says", "The ocean"]
     requests = [
-        GenerationRequest(p, greedy(40, ignore_eos=True), adapter=[None, "tenant-0", "tenant-1", "tenant-2"][i % 4])
+        GenerationRequest(p, greedy(56, ignore_eos=True), adapter=[None, "tenant-0", "tenant-1", "tenant-2"][i % 4])
         for i, p in enumerate(prompts)
     ]
     preemptions = engine.num_preemptions
@@ -84,4 +84,4 @@ def test_unknown_adapter_and_oversized_prompt_are_refused(engine):
         engine.generate([GenerationRequest("hi", greedy(2), adapter="nobody")])
     with pytest.raises(ValueError, match="context"):
         engine.generate([GenerationRequest(list(range(1, 600)), greedy(2))])
-    assert not engine.waiting and not engine.running
+    assert not engine.has_work()

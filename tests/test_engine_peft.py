@@ -68,11 +68,9 @@ def test_logits_and_greedy_tokens_match_peft(engine, peft_models, hf_base, name)
 
     blocks = engine.blocks.allocate(engine.blocks.blocks_needed(len(ids)))
     try:
-        slot, needs_load = engine.slots.acquire(name)
-        if needs_load:
-            engine.pool.load(slot, engine.adapters[name])
+        slot = engine.adapters.pin(name)
         ours = engine.runner.run([SequenceChunk(ids, 0, blocks, slot)], all_logits=True)
-        engine.slots.release(name)
+        engine.adapters.unpin(name)
     finally:
         engine.blocks.free(blocks)
     with torch.no_grad():

@@ -1,14 +1,13 @@
-"""The engine: one resident model, registered adapters, and batched generation.
+"""The engine: one resident model, adapters, and batched generation.
 
-Each step is `schedule()` -> `run()` -> `postprocess()`: admit waiting sequences while KV
-blocks and adapter slots allow, feed every running sequence's uncached tokens as one
-flattened batch (prefills and decodes together, each token with its own adapter), then
-sample, append and retire. `generate()` drives steps until its requests finish.
+Each step is `schedule()` -> `run()` -> `postprocess()`: the scheduler picks the running
+decodes and the prefill chunks that fit, the runner feeds them as one flattened batch (each
+token with its own adapter slot), and postprocess samples, appends and retires. `generate()`
+drives steps until its requests finish; the server's engine loop drives the same `step()`.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +18,11 @@ from server.config import Settings
 from server.engine.block_manager import BlockAllocator
 from server.engine.request import GenerationRequest, GenerationResult
 from server.engine.sampler import sample
+from server.engine.scheduler import AdapterResidency, ScheduledChunk, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
 from server.lora.adapter import LoRAAdapter
 from server.lora.pool import AdapterPool
-from server.lora.slots import SlotTable
+from server.lora.registry import InMemoryAdapters
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
 from server.model.runner import ModelRunner, SequenceChunk
@@ -34,6 +34,7 @@ CPU_KV_CACHE_BYTES = 1 << 30
 @dataclass(frozen=True)
 class EngineLimits:
     max_num_seqs: int
+    max_num_batched_tokens: int
     max_model_len: int
     num_kv_blocks: int
     kv_block_size: int
@@ -51,7 +52,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, settings: Settings):
+    def __init__(self, model_dir: str | Path, settings: Settings, adapters: AdapterResidency | None = None):
         self.device, self.dtype = resolve_device_dtype(settings.device, settings.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_model(model_dir, self.dtype, self.device)
@@ -63,13 +64,12 @@ class Engine:
         )
         self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size)
         self.pool = AdapterPool(self.model, self.limits.max_loras, self.limits.max_lora_rank)
-        self.slots = SlotTable(self.limits.max_loras)
+        self.adapters = adapters if adapters is not None else InMemoryAdapters(self.pool)
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
+        )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
-        self.adapters: dict[str, LoRAAdapter] = {}
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.num_preemptions = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Engine":
@@ -77,7 +77,11 @@ class Engine:
 
         return cls(prepare_model(settings, settings.model), settings)
 
-    # -- adapters -------------------------------------------------------------------------
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    # -- adapters (library use; the server pages adapters through its tiered cache) --------
 
     def add_adapter(self, adapter_id: str, source: LoRAAdapter | str | Path) -> LoRAAdapter:
         """Register (or replace, when unused) an adapter, from a PEFT directory or parsed."""
@@ -85,11 +89,10 @@ class Engine:
             from server.lora.peft import load_peft_adapter_dir
 
             source = load_peft_adapter_dir(Path(source), self.model.config, max_rank=self.limits.max_lora_rank)
-        self.slots.evict(adapter_id)  # a replaced adapter must be reloaded into its slot
-        self.adapters[adapter_id] = source
+        self.adapters.register(adapter_id, source)
         return source
 
-    # -- generation -----------------------------------------------------------------------
+    # -- requests -------------------------------------------------------------------------
 
     def encode(self, request: GenerationRequest) -> list[int]:
         if not isinstance(request.prompt, str):
@@ -101,86 +104,84 @@ class Engine:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(request.prompt)
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        seqs = [self._new_sequence(r) for r in requests]
-        self.waiting.extend(seqs)
-        while not all(s.is_finished for s in seqs):
-            self.step()
-        return [
-            GenerationResult(s.text, list(s.output_ids), s.finish_reason, len(s.prompt_ids)) for s in seqs
-        ]
-
-    def _new_sequence(self, request: GenerationRequest) -> Sequence:
-        if request.adapter is not None and request.adapter not in self.adapters:
-            raise KeyError(f"unknown adapter {request.adapter!r}")
+    def add_request(self, request: GenerationRequest, adapter_key=None) -> Sequence:
+        """Validate, tokenize and queue one request. `adapter_key` defaults to `request.adapter`."""
         prompt_ids = self.encode(request)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.limits.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a {self.limits.max_model_len}-token context")
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens leaves no room in a {self.limits.max_model_len}-token context"
+            )
+        if len(prompt_ids) + 1 > self.blocks.num_blocks * self.blocks.block_size:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache")
         generator = None
         if request.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
-        return Sequence(request=request, prompt_ids=prompt_ids, generator=generator)
+        key = adapter_key if adapter_key is not None else request.adapter
+        seq = Sequence(request=request, prompt_ids=prompt_ids, generator=generator, adapter_key=key)
+        self.scheduler.add(seq)
+        return seq
 
-    def step(self) -> None:
-        scheduled = self.schedule()
-        if not scheduled:
-            raise RuntimeError("no sequence can be scheduled: the KV cache is too small for the waiting prompt")
-        logits = self.run(scheduled)
-        self.postprocess(scheduled, logits)
+    def abort(self, seq: Sequence) -> None:
+        if self.scheduler.abort(seq):
+            self._mark_finished(seq, "abort")
 
-    def schedule(self) -> list[Sequence]:
-        """Give every running sequence room for its next token (preempting the newest when
-        blocks run out), then admit waiting sequences first come, first served."""
-        running: list[Sequence] = []
-        for seq in self.running:
-            need = self.blocks.blocks_needed(seq.num_tokens, len(seq.block_table))
-            while not self.blocks.can_allocate(need) and self.running[-1] is not seq:
-                self._preempt(self.running.pop())
-            if not self.blocks.can_allocate(need):
-                self._preempt(seq)
-                break
-            seq.block_table += self.blocks.allocate(need)
-            running.append(seq)
-        self.running = running
-        while self.waiting and len(self.running) < self.limits.max_num_seqs:
-            seq = self.waiting[0]
-            need = self.blocks.blocks_needed(seq.num_tokens + 1)
-            adapter_ok = seq.adapter_id is None or self.slots.can_acquire(seq.adapter_id)
-            if not (adapter_ok and self.blocks.can_allocate(need)):
-                break
-            self.waiting.popleft()
-            seq.block_table = self.blocks.allocate(need)
-            if seq.adapter_id is not None:
-                slot, needs_load = self.slots.acquire(seq.adapter_id)
-                if needs_load:
-                    self.pool.load(slot, self.adapters[seq.adapter_id])
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        return list(self.running)
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
 
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        chunks = [
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        for r in requests:
+            if r.adapter is not None and self.adapters.prepare(r.adapter) == "failed":
+                raise KeyError(f"unknown adapter {r.adapter!r}")
+        seqs = [self.add_request(r) for r in requests]
+        while not all(s.is_finished for s in seqs):
+            if not self.step():
+                raise RuntimeError("no progress: the waiting requests cannot be scheduled")
+        return [GenerationResult(s.text, list(s.output_ids), s.finish_reason, len(s.prompt_ids)) for s in seqs]
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """Run one batch; returns the sequences that got a token or finished."""
+        out = self.scheduler.schedule()
+        for seq in out.failed:
+            self._mark_finished(seq, "error")
+        if not out.chunks:
+            return list(out.failed)
+        logits = self.run(out.chunks)
+        return list(out.failed) + self.postprocess(out.chunks, logits)
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits (len(chunks), vocab) at each chunk's last token."""
+        return self.runner.run([
             SequenceChunk(
-                token_ids=seq.uncached_ids,
-                start_position=seq.num_cached_tokens,
-                block_table=seq.block_table,
-                lora_slot=-1 if seq.adapter_id is None else self.slots.slot_of(seq.adapter_id),
+                token_ids=c.seq.all_ids[c.seq.num_cached_tokens : c.seq.num_cached_tokens + c.num_tokens],
+                start_position=c.seq.num_cached_tokens,
+                block_table=c.seq.block_table,
+                lora_slot=c.seq.lora_slot,
             )
-            for seq in seqs
-        ]
-        return self.runner.run(chunks)
+            for c in chunks
+        ])
 
-    def postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+    def postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[Sequence]:
+        # Only chunks that reach the end of the known tokens sample; a prefill chunk in the
+        # middle of a long prompt just fills the KV cache.
+        ready = [(row, c.seq) for row, c in enumerate(chunks) if c.completes_prompt]
+        for c in chunks:
+            c.seq.num_cached_tokens += c.num_tokens
+        if not ready:
+            return []
+        rows = torch.tensor([row for row, _ in ready], device=logits.device)
+        seqs = [seq for _, seq in ready]
+        tokens = sample(logits.index_select(0, rows), [s.sampling for s in seqs], [s.generator for s in seqs])
         for seq, token in zip(seqs, tokens):
-            seq.num_cached_tokens = seq.num_tokens
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
-                self._finish(seq, reason)
-        self.running = [s for s in self.running if not s.is_finished]
+                self.scheduler.finish(seq)
+                self._mark_finished(seq, reason)
+        return seqs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
@@ -201,24 +202,10 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    @staticmethod
+    def _mark_finished(seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self._release(seq)
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption: drop its KV blocks, requeue it at the front."""
-        self.num_preemptions += 1
-        self._release(seq)
-        seq.num_cached_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
-        if seq.adapter_id is not None and seq.status is not SequenceStatus.WAITING:
-            self.slots.release(seq.adapter_id)
 
 
 def _limits(settings: Settings, cfg, dtype: torch.dtype) -> EngineLimits:
@@ -230,6 +217,7 @@ def _limits(settings: Settings, cfg, dtype: torch.dtype) -> EngineLimits:
         num_blocks = max(1, min(wanted, CPU_KV_CACHE_BYTES // per_block))
     return EngineLimits(
         max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
         max_model_len=max_model_len,
         num_kv_blocks=num_blocks,
         kv_block_size=settings.kv_block_size,

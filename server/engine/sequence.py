@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Hashable
 
 from server.engine.request import GenerationRequest
 
@@ -29,10 +30,14 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     text: str = ""  # output text so far, truncated at a stop string when one matched
+    adapter_key: Hashable | None = None  # identity of the adapter's weights, None = base model
+    lora_slot: int = -1  # device slot while running with an adapter
+    error: str | None = None  # why it finished abnormally (e.g. its adapter failed to load)
 
     @property
-    def adapter_id(self) -> str | None:
-        return self.request.adapter
+    def tenant(self) -> str:
+        """Fairness is per tenant; the base model's users share one turn."""
+        return self.request.adapter or ""
 
     @property
     def sampling(self):

@@ -1,0 +1,196 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each feeds.
+
+Plain Python — no torch, no HTTP — so tests drive it with a fake runner. Each step:
+
+1. Running sequences go first, oldest first: a decode feeds one token, a sequence still in
+   its prompt feeds the next chunk that fits the step's token budget (chunked prefill). When
+   KV blocks run out, the newest running sequence is preempted (its blocks freed, to be
+   recomputed later) — never a crash.
+2. Waiting sequences are admitted round-robin across tenants (one per tenant per round, so a
+   tenant flooding the queue cannot starve the others), while the token budget, the running
+   cap, KV blocks and adapter slots allow. A sequence whose adapter is still loading stays
+   waiting without holding up other tenants; one whose adapter failed to load is failed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Hashable, Protocol
+
+from server.engine.block_manager import BlockAllocator
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+class AdapterResidency(Protocol):
+    """What the scheduler needs to know about adapters (the tiered cache implements it)."""
+
+    def prepare(self, key: Hashable) -> str:
+        """Start loading if needed; returns "ready" (can be pinned now), "loading" or "failed"."""
+
+    def error(self, key: Hashable) -> str: ...
+
+    def can_pin(self, key: Hashable) -> bool:
+        """A device slot holds the adapter or can be freed for it."""
+
+    def pin(self, key: Hashable) -> int:
+        """Make it resident (if it is not) and count one more user; returns its slot."""
+
+    def unpin(self, key: Hashable) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens fed this step, starting at seq.num_cached_tokens
+
+    @property
+    def completes_prompt(self) -> bool:
+        """After this chunk every known token is cached, so its logits give the next token."""
+        return self.seq.num_cached_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # adapter failed to load: finished with an error
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockAllocator, adapters: AdapterResidency):
+        self.config = config
+        self.blocks = blocks
+        self.adapters = adapters
+        self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # tenant -> FIFO, in turn order
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queue ----------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    def has_work(self) -> bool:
+        return bool(self.running) or self.num_waiting > 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.setdefault(seq.tenant, deque()).append(seq)
+
+    def abort(self, seq: Sequence) -> bool:
+        """Drop a sequence wherever it is, releasing its blocks and adapter pin at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._release(seq)
+        else:
+            queue = self.waiting.get(seq.tenant)
+            if queue is None or seq not in queue:
+                return False
+            queue.remove(seq)
+            if not queue:
+                del self.waiting[seq.tenant]
+        return True
+
+    def finish(self, seq: Sequence) -> None:
+        """A running sequence is done: release what it holds."""
+        self.running.remove(seq)
+        self._release(seq)
+
+    # -- one step -------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_cached_tokens, budget)
+            need = self.blocks.blocks_needed(seq.num_cached_tokens + n, len(seq.block_table))
+            while not self.blocks.can_allocate(need) and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+            if not self.blocks.can_allocate(need):
+                self._preempt(seq)  # alone it does not fit: it waits for blocks to come back
+                break
+            seq.block_table += self.blocks.allocate(need)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        progress = True
+        while progress and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            progress = False
+            for tenant in list(self.waiting):  # one round: at most one admission per tenant
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    return
+                queue = self.waiting[tenant]
+                seq = queue[0]
+                if seq.adapter_key is not None:
+                    state = self.adapters.prepare(seq.adapter_key)
+                    if state == "failed":
+                        queue.popleft()
+                        seq.error = self.adapters.error(seq.adapter_key)
+                        out.failed.append(seq)
+                        self._drop_empty(tenant)
+                        progress = True
+                        continue
+                    if state != "ready" or not self.adapters.can_pin(seq.adapter_key):
+                        continue  # this tenant waits; the others go on
+                n = min(seq.num_tokens - seq.num_cached_tokens, budget)
+                need = self.blocks.blocks_needed(seq.num_cached_tokens + n)
+                if not self.blocks.can_allocate(need):
+                    return  # running sequences will free blocks; nobody jumps the queue for them
+                queue.popleft()
+                self._rotate(tenant)
+                seq.block_table = self.blocks.allocate(need)
+                if seq.adapter_key is not None:
+                    seq.lora_slot = self.adapters.pin(seq.adapter_key)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+                progress = True
+
+    def _rotate(self, tenant: str) -> None:
+        queue = self.waiting.pop(tenant)
+        if queue:
+            self.waiting[tenant] = queue  # to the back of the turn order
+
+    def _drop_empty(self, tenant: str) -> None:
+        if tenant in self.waiting and not self.waiting[tenant]:
+            del self.waiting[tenant]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style: free its KV blocks; it rejoins the front of its tenant's queue."""
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        queue = self.waiting.setdefault(seq.tenant, deque())
+        queue.appendleft(seq)
+        self.waiting.move_to_end(seq.tenant, last=False)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        if seq.adapter_key is not None and seq.lora_slot >= 0:
+            self.adapters.unpin(seq.adapter_key)
+        seq.lora_slot = -1
