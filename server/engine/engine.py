@@ -8,6 +8,7 @@ drives steps until its requests finish; the server's engine loop drives the same
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from server.model.runner import ModelRunner, SequenceChunk
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 1 << 30
+NO_PROGRESS_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,8 @@ class Engine:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(request.prompt)
 
-    def add_request(self, request: GenerationRequest, adapter_key=None) -> Sequence:
-        """Validate, tokenize and queue one request. `adapter_key` defaults to `request.adapter`."""
+    def make_sequence(self, request: GenerationRequest, adapter_key=None) -> Sequence:
+        """Tokenize and validate a request (any thread). `adapter_key` defaults to `request.adapter`."""
         prompt_ids = self.encode(request)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -119,9 +121,26 @@ class Engine:
         if request.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
         key = adapter_key if adapter_key is not None else request.adapter
-        seq = Sequence(request=request, prompt_ids=prompt_ids, generator=generator, adapter_key=key)
+        return Sequence(request=request, prompt_ids=prompt_ids, generator=generator, adapter_key=key)
+
+    def add_request(self, request: GenerationRequest, adapter_key=None) -> Sequence:
+        """Validate and queue one request (engine thread)."""
+        seq = self.make_sequence(request, adapter_key)
         self.scheduler.add(seq)
         return seq
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence made by `make_sequence` (engine thread)."""
+        self.scheduler.add(seq)
+
+    def fail_running(self, message: str) -> list[Sequence]:
+        """After a failed step: finish every scheduled sequence with an error, keep serving."""
+        failed = list(self.scheduler.running)
+        for seq in failed:
+            self.scheduler.abort(seq)
+            seq.error = message
+            self._mark_finished(seq, "error")
+        return failed
 
     def abort(self, seq: Sequence) -> None:
         if self.scheduler.abort(seq):
@@ -135,9 +154,16 @@ class Engine:
             if r.adapter is not None and self.adapters.prepare(r.adapter) == "failed":
                 raise KeyError(f"unknown adapter {r.adapter!r}")
         seqs = [self.add_request(r) for r in requests]
+        idle_since = None
         while not all(s.is_finished for s in seqs):
-            if not self.step():
+            if self.step() or self.scheduler.running:
+                idle_since = None
+                continue
+            # nothing ran: adapters may still be loading in the background; wait a little
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > NO_PROGRESS_TIMEOUT_S:
                 raise RuntimeError("no progress: the waiting requests cannot be scheduled")
+            time.sleep(0.002)
         return [GenerationResult(s.text, list(s.output_ids), s.finish_reason, len(s.prompt_ids)) for s in seqs]
 
     # -- one step ---------------------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""The engine's own thread, and the hand-off of its results to asyncio consumers.
+
+Handlers call `await loop.stream(...)`: the request is tokenized off the event loop, queued
+to the engine thread, and every step's new text arrives through a per-request asyncio.Queue
+(`call_soon_threadsafe`). Leaving the stream early (client gone, deadline) queues an abort,
+which the engine thread applies before its next step, so blocks and adapter pins are back
+within one step. A step that raises fails the sequences it ran, never the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Hashable
+
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest
+from server.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.05  # how long the idle loop sleeps before re-checking (adapter loads, stop)
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event
+    token_ids: list[int]  # new token ids since the previous event
+    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._consumers: dict[int, _Consumer] = {}
+        self.last_step_at = 0.0  # monotonic time of the last completed loop iteration
+        self.num_steps = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    # -- asyncio side -------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest, adapter_key: Hashable | None = None) -> AsyncIterator[StreamEvent]:
+        """Events for one request until its final event (the one with finish_reason)."""
+        seq = await asyncio.to_thread(self.engine.make_sequence, request, adapter_key)
+        consumer = _Consumer(asyncio.get_running_loop(), asyncio.Queue(), seq)
+        self._send(("add", seq, consumer))
+        finished = False
+        try:
+            while True:
+                event = await consumer.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._send(("abort", seq, None))
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.engine.has_work():
+                self.last_step_at = time.monotonic()
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                updated = self.engine.step()
+            except Exception as exc:  # a broken step fails its batch, not the server
+                log.exception("engine step failed")
+                updated = self.engine.fail_running(f"internal error in the engine step: {type(exc).__name__}")
+            self.num_steps += 1
+            self.last_step_at = time.monotonic()
+            for seq in updated:
+                self._publish(seq)
+            if not updated:
+                self._wake.wait(0.002)  # waiting on adapter loads: do not spin
+                self._wake.clear()
+        for seq_id, consumer in list(self._consumers.items()):  # shutting down: end every stream
+            self.engine.abort(consumer.seq)
+            consumer.send(StreamEvent("", [], finish_reason="abort", error="the server is shutting down"))
+        self._consumers.clear()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, seq, consumer = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._consumers[seq.seq_id] = consumer
+                self.engine.submit(seq)
+            elif kind == "abort" and seq.seq_id in self._consumers:
+                del self._consumers[seq.seq_id]
+                self.engine.abort(seq)
+
+    def _publish(self, seq: Sequence) -> None:
+        consumer = self._consumers.get(seq.seq_id)
+        if consumer is None:
+            return
+        text, ids = consumer.take_new(seq)
+        if seq.is_finished:
+            del self._consumers[seq.seq_id]
+            consumer.send(StreamEvent(
+                text, ids, seq.finish_reason, seq.error, len(seq.prompt_ids), len(seq.output_ids),
+            ))
+        elif text or ids:
+            consumer.send(StreamEvent(text, ids, prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
+
+
+class _Consumer:
+    """One stream's queue, and how much of its sequence's output it has already been sent."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue, seq: Sequence):
+        self.loop, self.queue, self.seq = loop, q, seq
+        self.sent_chars = 0
+        self.sent_tokens = 0
+
+    def take_new(self, seq: Sequence) -> tuple[str, list[int]]:
+        stable = seq.text if seq.is_finished else _stable_prefix(seq.text, seq.sampling.stop)
+        text = stable[self.sent_chars :] if len(stable) > self.sent_chars else ""
+        self.sent_chars = max(self.sent_chars, len(stable))
+        ids = seq.output_ids[self.sent_tokens :]
+        self.sent_tokens = len(seq.output_ids)
+        return text, ids
+
+    def send(self, event: StreamEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            pass
+
+
+def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """Text that can no longer change: without a trailing partial UTF-8 character, and
+    without a tail that might still grow into a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - k : end] == stop[:k]:
+                end -= k
+                break
+    return text[:end]
