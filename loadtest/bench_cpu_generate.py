@@ -67,7 +67,7 @@ def main() -> None:
 
     settings = Settings.from_env()
     model_dir = prepare_model(settings, settings.model, progress=False)
-    engine = Engine(model_dir, settings)
+    engine = Engine.from_dir(model_dir, settings)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     time_engine(engine, 1, 4)  # warm-up both
     time_transformers(hf, engine.tokenizer, engine, 1, 4)

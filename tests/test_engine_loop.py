@@ -14,7 +14,7 @@ from tests.test_engine import random_adapter
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    e = Engine(default_model_dir, Settings(max_loras=2, max_lora_rank=8, num_kv_blocks=64, kv_block_size=8, max_num_seqs=8, max_model_len=512))
+    e = Engine.from_dir(default_model_dir, Settings(max_loras=2, max_lora_rank=8, num_kv_blocks=64, kv_block_size=8, max_num_seqs=8, max_model_len=512))
     for i in range(3):
         e.add_adapter(f"t{i}", random_adapter(e.model.config, rank=4, seed=10 + i))
     return e

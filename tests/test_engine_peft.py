@@ -25,7 +25,7 @@ def hf_base(default_model_dir):
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
     settings = Settings(max_loras=4, max_lora_rank=16, num_kv_blocks=512, max_num_seqs=16, max_model_len=1024)
-    return Engine(default_model_dir, settings)
+    return Engine.from_dir(default_model_dir, settings)
 
 
 @pytest.fixture(scope="module")

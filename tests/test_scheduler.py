@@ -177,3 +177,17 @@ def test_abort_releases_blocks_and_adapter_pin_at_once():
     assert sched.blocks.num_free == sched.blocks.num_blocks and not adapters.pins
     assert not sched.has_work()
     assert not sched.abort(running)  # already gone
+
+
+def test_a_pin_that_fails_fails_that_request_and_leaks_nothing():
+    sched, adapters = make_scheduler()
+
+    def broken_pin(key):
+        raise RuntimeError(f"{key}: file changed on disk")
+
+    adapters.pin = broken_pin
+    seq = make_seq(5, tenant="a")
+    sched.add(seq)
+    out = sched.schedule()
+    assert out.failed == [seq] and "changed on disk" in seq.error
+    assert sched.blocks.num_free == sched.blocks.num_blocks and not sched.has_work()

@@ -25,6 +25,7 @@ from server.lora.adapter import LoRAAdapter
 from server.lora.pool import AdapterPool
 from server.lora.registry import InMemoryAdapters
 from server.model.kv_cache import KVCache
+from server.model.llama import LlamaModel
 from server.model.loader import load_model
 from server.model.runner import ModelRunner, SequenceChunk
 
@@ -54,11 +55,12 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, settings: Settings, adapters: AdapterResidency | None = None):
-        self.device, self.dtype = resolve_device_dtype(settings.device, settings.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_model(model_dir, self.dtype, self.device)
-        cfg = self.model.config
+    def __init__(self, model: LlamaModel, tokenizer, settings: Settings, adapters: AdapterResidency | None = None):
+        weight = model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.tokenizer = tokenizer
+        self.model = model
+        cfg = model.config
         self.limits = _limits(settings, cfg, self.dtype)
         self.kv_cache = KVCache(
             cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
@@ -74,10 +76,17 @@ class Engine:
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
 
     @classmethod
+    def from_dir(cls, model_dir: str | Path, settings: Settings, adapters: AdapterResidency | None = None) -> "Engine":
+        """Load a prepared checkpoint directory onto the settings' device and dtype."""
+        device, dtype = resolve_device_dtype(settings.device, settings.dtype)
+        model = load_model(model_dir, dtype, device)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), settings, adapters)
+
+    @classmethod
     def from_settings(cls, settings: Settings) -> "Engine":
         from server.model.prepare import prepare_model
 
-        return cls(prepare_model(settings, settings.model), settings)
+        return cls.from_dir(prepare_model(settings, settings.model), settings)
 
     @property
     def num_preemptions(self) -> int:

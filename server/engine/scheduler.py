@@ -159,14 +159,19 @@ class Scheduler:
                     return  # running sequences will free blocks; nobody jumps the queue for them
                 queue.popleft()
                 self._rotate(tenant)
-                seq.block_table = self.blocks.allocate(need)
+                progress = True
                 if seq.adapter_key is not None:
-                    seq.lora_slot = self.adapters.pin(seq.adapter_key)
+                    try:
+                        seq.lora_slot = self.adapters.pin(seq.adapter_key)
+                    except Exception as exc:  # e.g. the file went bad since it was checked
+                        seq.error = str(exc)
+                        out.failed.append(seq)
+                        continue
+                seq.block_table = self.blocks.allocate(need)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.chunks.append(ScheduledChunk(seq, n))
                 budget -= n
-                progress = True
 
     def _rotate(self, tenant: str) -> None:
         queue = self.waiting.pop(tenant)
