@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer
@@ -55,7 +56,15 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, tokenizer, settings: Settings, adapters: AdapterResidency | None = None):
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer,
+        settings: Settings,
+        make_adapters: Callable[[AdapterPool], AdapterResidency] | None = None,
+    ):
+        """`make_adapters(pool)` builds the adapter residency over the engine's device pool
+        (the server's tiered cache); by default adapters are registered in memory."""
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.tokenizer = tokenizer
@@ -68,7 +77,7 @@ class Engine:
         )
         self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size)
         self.pool = AdapterPool(self.model, self.limits.max_loras, self.limits.max_lora_rank)
-        self.adapters = adapters if adapters is not None else InMemoryAdapters(self.pool)
+        self.adapters = (make_adapters or InMemoryAdapters)(self.pool)
         self.scheduler = Scheduler(
             SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
         )
@@ -76,11 +85,11 @@ class Engine:
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, settings: Settings, adapters: AdapterResidency | None = None) -> "Engine":
+    def from_dir(cls, model_dir: str | Path, settings: Settings, make_adapters=None) -> "Engine":
         """Load a prepared checkpoint directory onto the settings' device and dtype."""
         device, dtype = resolve_device_dtype(settings.device, settings.dtype)
         model = load_model(model_dir, dtype, device)
-        return cls(model, AutoTokenizer.from_pretrained(model_dir), settings, adapters)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), settings, make_adapters)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Engine":
@@ -158,11 +167,14 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        for r in requests:
-            if r.adapter is not None and self.adapters.prepare(r.adapter) == "failed":
-                raise KeyError(f"unknown adapter {r.adapter!r}")
-        seqs = [self.add_request(r) for r in requests]
+    def generate(self, requests: list[GenerationRequest], adapter_keys: list | None = None) -> list[GenerationResult]:
+        """Run requests to completion in shared batches. `adapter_keys` (one per request)
+        override `request.adapter` as the adapters' identities, e.g. (customer, version)."""
+        keys = adapter_keys or [r.adapter for r in requests]
+        for key in keys:
+            if key is not None and self.adapters.prepare(key) == "failed":
+                raise KeyError(f"unknown adapter {key!r}: {self.adapters.error(key)}")
+        seqs = [self.add_request(r, k) for r, k in zip(requests, keys)]
         idle_since = None
         while not all(s.is_finished for s in seqs):
             if self.step() or self.scheduler.running:
