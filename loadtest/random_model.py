@@ -1,0 +1,61 @@
+"""Random-weight Llama-shaped models built directly on the device, for GPU benchmarks.
+
+Speed does not depend on the values; weights are drawn from N(0, 0.02) (never zeros) so
+no kernel can take a shortcut.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.lora.adapter import LoRAAdapter, LoRAModuleWeights
+from server.model.config import ModelConfig
+from server.model.llama import LlamaModel
+
+LLAMA2_7B = dict(
+    architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+    max_position_embeddings=4096, rope_theta=10000.0,
+)
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+    max_position_embeddings=8192, rope_theta=500000.0,
+)
+
+
+def random_model(shape: dict, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaModel:
+    cfg = ModelConfig.from_hf_dict(shape)
+    with torch.device("meta"):
+        model = LlamaModel(cfg).to(dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    model.reset_rope()
+    return model.eval()
+
+
+def random_adapter(cfg: ModelConfig, rank: int, modules: tuple[str, ...], seed: int, device="cpu", dtype=torch.bfloat16) -> LoRAAdapter:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = cfg.linear_shapes()
+    weights = {}
+    for layer in range(cfg.num_layers):
+        for m in modules:
+            fan_in, fan_out = shapes[m]
+            weights[(layer, m)] = LoRAModuleWeights(
+                lora_a=(torch.randn(rank, fan_in, generator=gen, device=device) / fan_in**0.5).to(dtype),
+                lora_b=(torch.randn(fan_out, rank, generator=gen, device=device) * 0.01).to(dtype),
+                scale=2.0,
+            )
+    return LoRAAdapter(rank=rank, alpha=2.0 * rank, use_rslora=False, target_modules=tuple(sorted(modules)), modules=weights)
+
+
+class StubTokenizer:
+    """Benchmarks feed token ids; the engine only needs decode and the EOS id."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
