@@ -1,18 +1,44 @@
 """LoRA kernels: `lora_shrink` (x -> x A^T) and `lora_expand` (y += scale * v B^T).
 
-On CPU these are the plain-PyTorch references in `lora_reference.py`; the Triton kernels
-take over on CUDA devices behind the same signatures.
+On CUDA tensors (with triton installed) these are the Triton kernels of `triton_shrink.py` and
+`triton_expand.py`; elsewhere they are the plain-PyTorch references of `lora_reference.py`, the
+test oracle, behind the same signatures. `slot_ranks` ((num_slots, n_slices) int32 on the
+device, optional) lets the Triton kernels read and compute only each slot's true rank; the
+references ignore it, being exact through the pool's zero padding. The Triton modules are
+imported on first use, so importing `kernels` stays cheap and never decides for the CPU
+interpreter (TRITON_INTERPRET=1) before a test can.
 """
+
+from __future__ import annotations
+
+import functools
 
 from kernels.lora_reference import lora_expand_reference, lora_shrink_reference
 from kernels.metadata import LoRABatchMeta
 
 
-def lora_shrink(x, lora_a, meta, out=None):
+@functools.lru_cache(maxsize=None)
+def _triton_ops():
+    """(lora_shrink, lora_expand) from Triton, or None where triton is not installed."""
+    try:
+        from kernels.triton_expand import lora_expand as expand
+        from kernels.triton_shrink import lora_shrink as shrink
+    except ImportError:
+        return None
+    return shrink, expand
+
+
+def lora_shrink(x, lora_a, meta, out=None, slot_ranks=None):
+    ops = _triton_ops() if x.is_cuda else None
+    if ops is not None:
+        return ops[0](x, lora_a, meta, out, slot_ranks=slot_ranks)
     return lora_shrink_reference(x, lora_a, meta, out)
 
 
-def lora_expand(y, v, lora_b, scales, meta):
+def lora_expand(y, v, lora_b, scales, meta, slot_ranks=None):
+    ops = _triton_ops() if y.is_cuda else None
+    if ops is not None:
+        return ops[1](y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
     return lora_expand_reference(y, v, lora_b, scales, meta)
 
 

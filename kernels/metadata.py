@@ -1,13 +1,55 @@
 """Per-step LoRA metadata: which adapter slot each token of the flattened batch uses.
 
 Built once per step by the model runner and shared by every LoRA-targeted layer.
+
+Two views of the same step:
+
+- for the reference (and anything else on the host side): `active_slots` and, per active
+  slot, the int64 indices of its tokens (`groups()`);
+- for the Triton kernels: int32 device buffers, all views of one packed tensor that a single
+  host-to-device copy fills:
+
+      token_slots          (T,)              slot of each token, -1 = base model only
+      sorted_tokens        (capacity,)       token indices grouped by slot: active slots in
+                                             ascending order, then the slot -1 tokens
+      group_slot/start/count (capacity+1,)   one entry per group (the -1 group last); unused
+                                             entries have count 0
+      num_groups           (1,)
+      tiles[bt]            (capacity, 3)     for each tile size bt in TILE_SIZES: the tokens of
+                                             every group cut into runs of at most bt tokens,
+                                             one (slot, start in sorted_tokens, count) row each;
+                                             unused rows have count 0
+
+  plus `split_counters`, an int32 buffer the shrink kernel's split-K reduction uses as
+  semaphores (always left at zero by the kernel that used it).
+
+A kernel launched over `max_tiles(T, num_slots, bt)` programs covers every tile of any batch
+of T tokens, so the grid depends only on T: the step can be captured in a CUDA graph once
+and replayed after `update()` rewrites the buffers in place. For that, build the metadata
+outside the capture with `capacity` = the largest batch, capture with a batch of the padded
+size, and before each replay `update()` with that many slots (pad with -1). The int64 token
+indices of `groups()` live in a second buffer, filled by a second copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+TILE_SIZES = (16, 64)  # token-tile heights the kernels may choose between
+MAX_SLICES = 3  # fused q/k/v is the widest projection
+MAX_RANK_CHUNKS = 8  # 8 chunks of 16: ranks up to 128
+
+
+def max_tiles(num_tokens: int, num_slots: int, tile: int) -> int:
+    """Most tiles of `tile` tokens any batch of `num_tokens` over `num_slots` slots can have.
+
+    Each of at most min(T, S) + 1 groups (the +1 is slot -1) wastes under one tile, and no
+    tile is empty: sum_g ceil(n_g / bt) <= (T + G (bt - 1)) / bt, and <= T.
+    """
+    groups = min(num_tokens, num_slots) + 1
+    return min(num_tokens, (num_tokens + groups * (tile - 1)) // tile)
 
 
 @dataclass
@@ -15,13 +57,62 @@ class LoRABatchMeta:
     token_slots: torch.Tensor  # (T,) int32, -1 = base model only
     active_slots: list[int]  # distinct slots >= 0 in the batch, ascending
     token_indices: list[torch.Tensor]  # per active slot: int64 indices of its tokens
+    # --- the kernels' device view (see the module docstring); None only if built by hand
+    capacity: int = 0  # most tokens the buffers hold
+    packed: torch.Tensor | None = field(default=None, repr=False)  # int32, every field below
+    sorted_tokens: torch.Tensor | None = field(default=None, repr=False)
+    group_slot: torch.Tensor | None = field(default=None, repr=False)
+    group_start: torch.Tensor | None = field(default=None, repr=False)
+    group_count: torch.Tensor | None = field(default=None, repr=False)
+    num_groups: torch.Tensor | None = field(default=None, repr=False)
+    tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    split_counters: torch.Tensor | None = field(default=None, repr=False)
+    # host-side hints for choosing a launch configuration (never read back from the device)
+    num_tiles_hint: dict[int, int] = field(default_factory=dict, repr=False)
+    max_group_tokens: int = 0
+    _sorted64: torch.Tensor | None = field(default=None, repr=False)  # int64 twin of sorted_tokens
 
     @classmethod
-    def build(cls, token_slots: list[int], device: torch.device | str = "cpu") -> "LoRABatchMeta":
-        slots = torch.tensor(token_slots, dtype=torch.int32)
-        active = sorted({s for s in token_slots if s >= 0})
-        indices = [torch.nonzero(slots == s).flatten().to(device) for s in active]
-        return cls(token_slots=slots.to(device), active_slots=active, token_indices=indices)
+    def build(
+        cls, token_slots: list[int], device: torch.device | str = "cpu", *, capacity: int | None = None
+    ) -> "LoRABatchMeta":
+        """Metadata for one step; `capacity` (>= len(token_slots)) preallocates for a max batch."""
+        capacity = max(len(token_slots), capacity or 0, 1)
+        device = torch.device(device)
+        packed = torch.zeros(_packed_len(capacity), dtype=torch.int32, device=device)
+        sorted64 = torch.zeros(capacity, dtype=torch.int64, device=device)
+        counters = torch.zeros(capacity * MAX_SLICES * MAX_RANK_CHUNKS, dtype=torch.int32, device=device)
+        meta = cls(token_slots=packed[:0], active_slots=[], token_indices=[], capacity=capacity)
+        meta.packed, meta._sorted64, meta.split_counters = packed, sorted64, counters
+        views = _views(packed, capacity)
+        meta.sorted_tokens, meta.group_slot, meta.group_start, meta.group_count, meta.num_groups = views[1:6]
+        meta.tiles = dict(zip(TILE_SIZES, views[6:]))
+        meta.update(token_slots)
+        return meta
+
+    def update(self, token_slots: list[int]) -> None:
+        """Refill the preallocated buffers in place for a new step (no host sync, graph-safe).
+
+        The copies are asynchronous; a CUDA graph captured over this meta reads the new
+        contents on its next replay.
+        """
+        num_tokens = len(token_slots)
+        if num_tokens > self.capacity:
+            raise ValueError(f"{num_tokens} tokens exceed the metadata capacity {self.capacity}")
+        host, sorted_idx, groups = _pack(token_slots, self.capacity)
+        device = self.packed.device
+        pin = device.type == "cuda"
+        src32 = torch.tensor(host, dtype=torch.int32)
+        src64 = torch.tensor(sorted_idx + [0] * (self.capacity - num_tokens), dtype=torch.int64)
+        if pin:
+            src32, src64 = src32.pin_memory(), src64.pin_memory()
+        self.packed.copy_(src32, non_blocking=pin)
+        self._sorted64.copy_(src64, non_blocking=pin)
+        self.token_slots = self.packed[1 : 1 + num_tokens]
+        self.active_slots = [slot for slot, _, _ in groups if slot >= 0]
+        self.token_indices = [self._sorted64[start : start + n] for slot, start, n in groups if slot >= 0]
+        self.num_tiles_hint = {bt: sum(-(-n // bt) for _, _, n in groups) for bt in TILE_SIZES}
+        self.max_group_tokens = max((n for slot, _, n in groups if slot >= 0), default=0)
 
     @property
     def has_lora(self) -> bool:
@@ -30,3 +121,50 @@ class LoRABatchMeta:
     def groups(self):
         """(slot, token indices) for every slot used in this step."""
         return zip(self.active_slots, self.token_indices)
+
+
+def _packed_len(capacity: int) -> int:
+    # header, token_slots, sorted_tokens, 3 group arrays, num_groups, tiles per size
+    return 1 + capacity + capacity + 3 * (capacity + 1) + 1 + 3 * capacity * len(TILE_SIZES)
+
+
+def _views(packed: torch.Tensor, capacity: int) -> list[torch.Tensor]:
+    """token_slots, sorted_tokens, group_slot, group_start, group_count, num_groups, tiles..."""
+    sizes = [capacity, capacity, capacity + 1, capacity + 1, capacity + 1, 1]
+    sizes += [3 * capacity] * len(TILE_SIZES)
+    out, offset = [], 1  # packed[0] is a spare header word
+    for n in sizes:
+        out.append(packed[offset : offset + n])
+        offset += n
+    return out[:6] + [t.view(capacity, 3) for t in out[6:]]
+
+
+def _pack(token_slots: list[int], capacity: int) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+    """Host-side contents of the packed buffer, the sorted token order and the groups."""
+    by_slot: dict[int, list[int]] = {}
+    for t, s in enumerate(token_slots):
+        by_slot.setdefault(s if s >= 0 else -1, []).append(t)
+    order = sorted(s for s in by_slot if s >= 0) + ([-1] if -1 in by_slot else [])
+    sorted_idx: list[int] = []
+    groups: list[tuple[int, int, int]] = []
+    for s in order:
+        groups.append((s, len(sorted_idx), len(by_slot[s])))
+        sorted_idx.extend(by_slot[s])
+
+    def padded(values: list[int], size: int, fill: int) -> list[int]:
+        return values + [fill] * (size - len(values))
+
+    host = [0]
+    host += padded([int(s) for s in token_slots], capacity, -1)
+    host += padded(sorted_idx, capacity, 0)
+    host += padded([g[0] for g in groups], capacity + 1, -1)
+    host += padded([g[1] for g in groups], capacity + 1, 0)
+    host += padded([g[2] for g in groups], capacity + 1, 0)
+    host += [len(groups)]
+    for bt in TILE_SIZES:
+        rows: list[int] = []
+        for slot, start, n in groups:
+            for off in range(0, n, bt):
+                rows += [slot, start + off, min(bt, n - off)]
+        host += rows + [-1, 0, 0] * (capacity - len(rows) // 3)
+    return host, sorted_idx, groups

@@ -1,0 +1,265 @@
+"""Triton LoRA shrink: v[i, t] = A_i[s_t] x_t for every token t and fused slice i.
+
+Semantics are those of `lora_shrink_reference` (kernels/lora_reference.py):
+
+    for t in range(T):
+        s = token_slots[t]
+        for i in range(n_slices):
+            out[i, t, :] = lora_a[i][s] @ x[t] if s >= 0 else 0
+
+One kernel serves prefill and decode. Tokens are grouped by slot in the per-step metadata
+(kernels/metadata.py) and cut into tiles of BLOCK_T tokens that share one adapter; a program
+owns one (tile, slice, rank chunk, K split) and computes `x_tile @ A_chunk^T` with `tl.dot`
+(fp32 accumulation, tensor cores in bf16/fp16). The adapter's A rows are therefore read once
+per tile, not once per token: SGMV for prefill (BLOCK_T = 64), and for decode (BLOCK_T = 16)
+a bandwidth-bound gather-matvec where the few tokens sharing an adapter still share one read.
+Decode batches have few tiles, so the reduction over h_in is split across SPLIT_K programs;
+their fp32 partials meet in a workspace and the last program to arrive (an atomic counter in
+the metadata, reset by that program) sums them: no memset, no second launch. (So launches
+that share one metadata object must be ordered on one stream, as a model's layers are.)
+
+Pool layout and ranks. Per slice, `lora_a[i]` is (num_slots, max_rank, h_in) with rows past an
+adapter's rank zero (memory stays padded to max_rank for now). `slot_ranks` (num_slots,
+n_slices) int32, optional, gives each slot's true rank per slice (0: the slice is not
+targeted). The rows a program loads are masked to `r < rank`, and a row of A is contiguous,
+so a rank-8 adapter beside a rank-64 one reads rank-8 bytes of A at any max_rank. Decode
+configurations also cut the rank into chunks of 16, one program each; a program whose chunk
+lies past its slot's rank writes zeros and stops, so the work is rank-proportional too (one
+chunk for rank 8, four for 64). Prefill configurations take all ranks in one masked chunk so
+x is read once; there the tensor-core work is padded, which costs nothing measurable since
+streaming x is the bound. Without `slot_ranks`, every slot counts as max_rank (exact by the
+zero padding, just slower). Supported: max_rank <= 128 (eight chunks of 16; the metadata's
+counters are sized for it), up to 3 fused slices of one h_in, bf16/fp16/fp32 (x is cast to
+A's dtype; fp32 pools multiply in full fp32).
+
+CUDA graphs: the grid depends only on T, the pool's slot count and the configuration; all
+step data is read from the metadata's device buffers; no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.metadata import MAX_RANK_CHUNKS, MAX_SLICES, TILE_SIZES, LoRABatchMeta, max_tiles
+
+_COUNTER_SLICES = tl.constexpr(MAX_SLICES)  # counters are laid out (tile, slice, rank chunk)
+
+
+def dot_in_fp32(kernel, dtype: torch.dtype) -> bool:
+    """fp32 pools multiply in full fp32; so do bf16 ones under the CPU interpreter, whose bf16
+    `tl.dot` returns garbage (seen with triton 3.9). Exact products either way."""
+    interpreted = type(kernel).__name__ == "InterpretedFunction"
+    return dtype == torch.float32 or (interpreted and dtype == torch.bfloat16)
+
+
+@triton.jit
+def _shrink_tile(
+    x_ptr, a_ptr, out_ptr, ws_ptr, counters_ptr,
+    slot, rank, tok, row_ok, tile, slice_id, rchunk, split, num_rchunks,
+    h_in, max_rank,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+    stride_ot, stride_or, stride_wp, stride_wt,
+    SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    offs_r = rchunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    out_ptrs = out_ptr + tok[:, None] * stride_ot + offs_r[None, :] * stride_or
+    out_mask = row_ok[:, None] & (offs_r[None, :] < max_rank)
+    if rchunk * BLOCK_R >= rank:
+        # slot -1, a slice the adapter does not target, or rows past its rank: v is zero here
+        if split == 0:
+            tl.store(out_ptrs, tl.zeros((BLOCK_T, BLOCK_R), tl.float32), mask=out_mask)
+    else:
+        r_ok = offs_r < rank
+        a_base = a_ptr + slot.to(tl.int64) * stride_as
+        k_span = tl.cdiv(tl.cdiv(h_in, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = split * k_span
+        k_hi = tl.minimum(k_lo + k_span, h_in)
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk  # (BLOCK_T, BLOCK_K)
+        a_ptrs = a_base + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak  # (BLOCK_R, BLOCK_K)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:  # no mask along the contiguous axis keeps the loads 16 bytes wide
+                x_tile = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                a_tile = tl.load(a_ptrs, mask=r_ok[:, None], other=0.0)
+            else:
+                k_ok = (k0 + tl.arange(0, BLOCK_K) < k_hi)[None, :]
+                x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok, other=0.0)
+                a_tile = tl.load(a_ptrs, mask=r_ok[:, None] & k_ok, other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(x_tile.to(tl.float32), tl.trans(a_tile.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_tile.to(a_tile.dtype), tl.trans(a_tile), acc)
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc, mask=out_mask)
+        else:
+            ws_ptrs = ws_ptr + tok[:, None] * stride_wt + offs_r[None, :]
+            tl.store(ws_ptrs + split * stride_wp, acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial is out before the counter says so
+            lock = counters_ptr + (tile * _COUNTER_SLICES + slice_id) * num_rchunks + rchunk
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:  # last of the splits: reduce, publish, re-arm the counter
+                total = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(ws_ptrs + s * stride_wp, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptrs, total, mask=out_mask)
+                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, ranks_ptr, tiles_ptr, sorted_ptr, out_ptr, ws_ptr, counters_ptr,
+    h_in, max_rank,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+    stride_rs, stride_ri, stride_oi, stride_ot, stride_or, stride_wp, stride_wi, stride_wt,
+    N_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    # axis 0: (slice, rank chunk, split), split fastest so programs sharing x run together
+    pid = tl.program_id(0)
+    tile = tl.program_id(1)
+    num_rchunks = tl.cdiv(max_rank, BLOCK_R)
+    split = pid % SPLIT_K
+    rchunk = (pid // SPLIT_K) % num_rchunks
+    slice_id = pid // (SPLIT_K * num_rchunks)
+
+    slot = tl.load(tiles_ptr + tile * 3)
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    count = tl.load(tiles_ptr + tile * 3 + 2)
+    if count > 0:
+        rows = tl.arange(0, BLOCK_T)
+        row_ok = rows < count
+        tok = tl.load(sorted_ptr + start + rows, mask=row_ok, other=0)  # (BLOCK_T,) token indices
+        safe_slot = tl.maximum(slot, 0)
+        if HAS_RANKS:
+            rank = tl.load(ranks_ptr + safe_slot * stride_rs + slice_id * stride_ri)
+        else:
+            rank = max_rank + 0 * slot
+        rank = tl.where(slot >= 0, rank, 0)
+        out_i = out_ptr + slice_id * stride_oi
+        ws_i = ws_ptr + slice_id * stride_wi
+        # one branch per slice: each keeps its pointer's alignment facts for vectorised loads
+        if slice_id == 0:
+            _shrink_tile(x_ptr, a0_ptr, out_i, ws_i, counters_ptr, safe_slot, rank, tok, row_ok, tile,
+                         slice_id, rchunk, split, num_rchunks, h_in, max_rank,
+                         stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or, stride_wp,
+                         stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32)
+        if N_SLICES > 1:
+            if slice_id == 1:
+                _shrink_tile(x_ptr, a1_ptr, out_i, ws_i, counters_ptr, safe_slot, rank, tok, row_ok, tile,
+                             slice_id, rchunk, split, num_rchunks, h_in, max_rank,
+                             stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or, stride_wp,
+                             stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32)
+        if N_SLICES > 2:
+            if slice_id == 2:
+                _shrink_tile(x_ptr, a2_ptr, out_i, ws_i, counters_ptr, safe_slot, rank, tok, row_ok, tile,
+                             slice_id, rchunk, split, num_rchunks, h_in, max_rank,
+                             stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or, stride_wp,
+                             stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the H200's count, so the CPU interpreter exercises the same choices
+
+
+def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta: LoRABatchMeta, device) -> dict:
+    """Launch configuration from static shapes and the metadata's host-side hints.
+
+    Tuned on the H200 (loadtest/results/kernel_tune_h200.json). Prefill-like batches (some
+    adapter has >= 64 tokens) take 64-token tiles and one program for all of a tile's ranks,
+    so x is read once, and split K only to fill the multiprocessors once. Decode-like ones
+    take 16-token tiles, rank chunks of 16 (a rank-8 adapter costs one chunk, a rank-64 one
+    four) and split K until (tile, slice) pairs number ~3 per multiprocessor, and into at
+    least two parts when ranks above 16 make some programs four chunks long.
+    """
+    r_pad = max(16, triton.next_power_of_2(max_rank))
+    prefill = meta.max_group_tokens >= 64
+    if prefill:
+        cfg = dict(BLOCK_T=64, BLOCK_R=min(r_pad, 64), BLOCK_K=128, num_warps=4, num_stages=3)
+        wanted = 0.9 * num_sms(device)
+    else:
+        cfg = dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=128, num_warps=2, num_stages=4)
+        wanted = 3 * num_sms(device)
+    tiles = max(1, meta.num_tiles_hint.get(cfg["BLOCK_T"], num_tokens))
+    programs = tiles * n_slices
+    split = 2 if not prefill and max_rank > 16 else 1
+    while programs * split < wanted and split < 8 and h_in >= 2 * split * cfg["BLOCK_K"]:
+        split *= 2
+    cfg["SPLIT_K"] = split
+    return cfg
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    meta: LoRABatchMeta,
+    out: torch.Tensor | None = None,
+    *,
+    slot_ranks: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """v = x A^T per token and slice into (n_slices, T, max_rank) float32; see module docstring."""
+    n_slices = len(lora_a)
+    num_tokens, h_in = x.shape
+    num_slots, max_rank, a_in = lora_a[0].shape
+    if not 1 <= n_slices <= MAX_SLICES:
+        raise ValueError(f"1..{MAX_SLICES} slices supported, got {n_slices}")
+    if a_in != h_in or any(a.shape != lora_a[0].shape or a.stride() != lora_a[0].stride() for a in lora_a):
+        raise ValueError("every slice of lora_a must be (num_slots, max_rank, h_in) with the same strides")
+    if any(a.dtype != lora_a[0].dtype or a.device != x.device for a in lora_a):
+        raise ValueError("lora_a slices must share one dtype and x's device")
+    if max_rank > 16 * MAX_RANK_CHUNKS:
+        raise ValueError(f"max_rank {max_rank} exceeds {16 * MAX_RANK_CHUNKS}")
+    _check_meta(meta, num_tokens, x.device)
+    if out is None:
+        out = torch.empty(n_slices, num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    elif out.shape != (n_slices, num_tokens, max_rank) or out.dtype != torch.float32:
+        raise ValueError(f"out must be ({n_slices}, {num_tokens}, {max_rank}) float32")
+    if slot_ranks is not None and slot_ranks.shape != (num_slots, n_slices):
+        raise ValueError(f"slot_ranks must be ({num_slots}, {n_slices})")
+    if num_tokens == 0:
+        return out
+
+    cfg = dict(config or shrink_config(num_tokens, n_slices, max_rank, h_in, meta, x.device))
+    block_t, split = cfg.pop("BLOCK_T"), cfg.pop("SPLIT_K")
+    num_rchunks = triton.cdiv(max_rank, cfg["BLOCK_R"])
+    ws = out
+    if split > 1:
+        ws = torch.empty(split, n_slices, num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    ranks = slot_ranks if slot_ranks is not None else meta.packed
+    a = list(lora_a) + [lora_a[0]] * (MAX_SLICES - n_slices)
+    grid = (n_slices * num_rchunks * split, max_tiles(num_tokens, num_slots, block_t))
+    _lora_shrink_kernel[grid](
+        x, a[0], a[1], a[2], ranks, meta.tiles[block_t], meta.sorted_tokens, out, ws, meta.split_counters,
+        h_in, max_rank,
+        x.stride(0), x.stride(1), *lora_a[0].stride(),
+        *(slot_ranks.stride() if slot_ranks is not None else (0, 0)),
+        *out.stride(), ws.stride(0) if split > 1 else 0, *(ws.stride()[-3:-1] if split > 1 else (0, 0)),
+        N_SLICES=n_slices, HAS_RANKS=slot_ranks is not None, SPLIT_K=split, BLOCK_T=block_t,
+        EVEN_K=h_in % (cfg["BLOCK_K"] * split) == 0, DOT_FP32=dot_in_fp32(_lora_shrink_kernel, lora_a[0].dtype),
+        **cfg,
+    )
+    return out
+
+
+def _check_meta(meta: LoRABatchMeta, num_tokens: int, device: torch.device) -> None:
+    if meta.packed is None:
+        raise ValueError("metadata has no kernel buffers: build it with LoRABatchMeta.build")
+    if meta.token_slots.shape[0] != num_tokens:
+        raise ValueError(f"metadata is for {meta.token_slots.shape[0]} tokens, the batch has {num_tokens}")
+    if meta.packed.device != device:
+        raise ValueError(f"metadata on {meta.packed.device}, tensors on {device}")
+    if any(bt not in meta.tiles for bt in TILE_SIZES):
+        raise ValueError("metadata lacks the tile maps")
