@@ -31,10 +31,14 @@ class AdapterPool:
         self._slots: dict[tuple[int, str], LoRASlots] = {}
         for layer, name, proj in model.projections():
             in_features = proj.weight.shape[1]
+            n_slices = len(proj.out_sizes)
             slots = LoRASlots(
                 lora_a=[self._zeros(num_slots, max_rank, in_features) for _ in proj.out_sizes],
-                lora_b=[self._zeros(num_slots, out, max_rank) for out in proj.out_sizes],
-                scales=torch.zeros(num_slots, len(proj.out_sizes), dtype=torch.float32, device=self.device),
+                # B is stored rank-major, so a rank-r adapter's B is its first r rows: the kernels
+                # then read only r * out_i elements of it (see kernels/triton_expand.py)
+                lora_b=[self._zeros(num_slots, max_rank, out).transpose(1, 2) for out in proj.out_sizes],
+                scales=torch.zeros(num_slots, n_slices, dtype=torch.float32, device=self.device),
+                slot_ranks=torch.zeros(num_slots, n_slices, dtype=torch.int32, device=self.device),
             )
             proj.lora = slots
             self._slots[(layer, name)] = slots
@@ -46,7 +50,7 @@ class AdapterPool:
     def nbytes(self) -> int:
         total = 0
         for s in self._slots.values():
-            total += sum(t.nbytes for t in s.lora_a) + sum(t.nbytes for t in s.lora_b) + s.scales.nbytes
+            total += sum(t.nbytes for t in s.lora_a) + sum(t.nbytes for t in s.lora_b) + s.scales.nbytes + s.slot_ranks.nbytes
         return total
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
@@ -65,6 +69,7 @@ class AdapterPool:
                 slots.lora_a[i][slot, :r].copy_(weights.lora_a)
                 slots.lora_b[i][slot, :, :r].copy_(weights.lora_b)
                 slots.scales[slot, i] = weights.scale
+                slots.slot_ranks[slot, i] = r
 
     def clear(self, slot: int) -> None:
         for slots in self._slots.values():
@@ -72,3 +77,4 @@ class AdapterPool:
                 a[slot].zero_()
                 b[slot].zero_()
             slots.scales[slot].zero_()
+            slots.slot_ranks[slot].zero_()

@@ -28,8 +28,9 @@ class LoRASlots:
     """One projection's adapter pool, slice by slice (see kernels/lora_reference.py)."""
 
     lora_a: list[torch.Tensor]  # per slice: (num_slots, max_rank, in_features)
-    lora_b: list[torch.Tensor]  # per slice: (num_slots, out_i, max_rank)
+    lora_b: list[torch.Tensor]  # per slice: (num_slots, out_i, max_rank), a view of rank-major storage
     scales: torch.Tensor  # (num_slots, n_slices) float32
+    slot_ranks: torch.Tensor  # (num_slots, n_slices) int32: each slot's true rank, 0 = slice not targeted
 
 
 class Projection(nn.Module):
@@ -45,8 +46,9 @@ class Projection(nn.Module):
     def forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.lora is not None and lora_meta is not None and lora_meta.has_lora:
-            v = kernels.lora_shrink(x, self.lora.lora_a, lora_meta)
-            kernels.lora_expand(y, v, self.lora.lora_b, self.lora.scales, lora_meta)
+            lora = self.lora
+            v = kernels.lora_shrink(x, lora.lora_a, lora_meta, slot_ranks=lora.slot_ranks)
+            kernels.lora_expand(y, v, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
         return y
 
 
