@@ -42,13 +42,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from cachetools import LRUCache
 
-from server.lora.adapter import LoRAAdapter, LoRAModuleWeights
+from server.lora.adapter import LoRAAdapter
 from server.lora.peft import load_peft_adapter
 from server.lora.pool import AdapterPool
 from server.lora.slots import SlotTable
@@ -295,9 +295,7 @@ class AdapterCache:
         config, weights = self.store.read_files(self.store.get_version(customer_id, version))
         adapter = load_peft_adapter(config, weights, self.model_config, max_rank=self.max_rank, dtype=self.dtype)
         if self._pin_host_memory:
-            adapter = replace(adapter, modules={
-                name: LoRAModuleWeights(m.lora_a.pin_memory(), m.lora_b.pin_memory(), m.scale)
-                for name, m in adapter.modules.items()})
+            adapter = adapter.packed(pin_memory=True)  # one page-locked buffer: one copy to the GPU
         return adapter
 
     def _load_failed(self, key: AdapterKey, token: object | None, error: Exception) -> str:

@@ -29,16 +29,22 @@ class AdapterPool:
         weight = model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self._slots: dict[tuple[int, str], LoRASlots] = {}
+        # Scales and ranks of every (layer, projection) in two tensors, so a slot's whole row
+        # is written with one copy: (layers, projections, slots, max slices)
+        shape = (model.config.num_layers, len(PROJECTION_SLICES), num_slots, 3)
+        self._scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self._ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self._proj_index = proj_index = {name: i for i, name in enumerate(PROJECTION_SLICES)}
         for layer, name, proj in model.projections():
             in_features = proj.weight.shape[1]
-            n_slices = len(proj.out_sizes)
+            n_slices, p = len(proj.out_sizes), proj_index[name]
             slots = LoRASlots(
                 lora_a=[self._zeros(num_slots, max_rank, in_features) for _ in proj.out_sizes],
                 # B is stored rank-major, so a rank-r adapter's B is its first r rows: the kernels
                 # then read only r * out_i elements of it (see kernels/triton_expand.py)
                 lora_b=[self._zeros(num_slots, max_rank, out).transpose(1, 2) for out in proj.out_sizes],
-                scales=torch.zeros(num_slots, n_slices, dtype=torch.float32, device=self.device),
-                slot_ranks=torch.zeros(num_slots, n_slices, dtype=torch.int32, device=self.device),
+                scales=self._scales[layer, p, :, :n_slices],
+                slot_ranks=self._ranks[layer, p, :, :n_slices],
             )
             proj.lora = slots
             self._slots[(layer, name)] = slots
@@ -54,27 +60,37 @@ class AdapterPool:
         return total
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Write an adapter into a slot; modules it does not target get zeros."""
+        """Write an adapter into a slot; modules it does not target get zeros.
+
+        One transfer brings the adapter to the device (when it is packed), then the slot is
+        zeroed and filled with batched device copies, and its scales and ranks written in
+        one copy each: a few launches instead of several per module."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds the pool's max rank {self.max_rank}")
-        self.clear(slot)
+        adapter = adapter.to(self.device, non_blocking=True)
+        scales = torch.zeros(self._scales.shape[0], self._scales.shape[1], 3)
+        ranks = torch.zeros(scales.shape, dtype=torch.int32)
+        targets, sources = [], []
         for (layer, proj_name), slots in self._slots.items():
+            p = self._proj_index[proj_name]
             for i, module in enumerate(PROJECTION_SLICES[proj_name]):
                 weights = adapter.modules.get((layer, module))
                 if weights is None:
                     continue
                 r = weights.rank
-                slots.lora_a[i][slot, :r].copy_(weights.lora_a)
-                slots.lora_b[i][slot, :, :r].copy_(weights.lora_b)
-                slots.scales[slot, i] = weights.scale
-                slots.slot_ranks[slot, i] = r
+                targets += [slots.lora_a[i][slot, :r], slots.lora_b[i][slot, :, :r]]
+                sources += [weights.lora_a.to(self.dtype), weights.lora_b.to(self.dtype)]
+                scales[layer, p, i] = weights.scale
+                ranks[layer, p, i] = r
+        self.clear(slot)
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        self._scales[:, :, slot].copy_(scales)
+        self._ranks[:, :, slot].copy_(ranks)
 
     def clear(self, slot: int) -> None:
-        for slots in self._slots.values():
-            for a, b in zip(slots.lora_a, slots.lora_b):
-                a[slot].zero_()
-                b[slot].zero_()
-            slots.scales[slot].zero_()
-            slots.slot_ranks[slot].zero_()
+        torch._foreach_zero_([t[slot] for s in self._slots.values() for t in (*s.lora_a, *s.lora_b)])
+        self._scales[:, :, slot].zero_()
+        self._ranks[:, :, slot].zero_()
