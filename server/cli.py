@@ -1,4 +1,4 @@
-"""`loraplex` command line: prepare-model, generate, serve."""
+"""`loraplex` command line: serve (the HTTP API), prepare-model, generate."""
 
 from __future__ import annotations
 
@@ -51,7 +51,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """Flags override LORAPLEX_* variables; unset flags leave them (and the defaults) alone.
+    The admin token is only read from LORAPLEX_ADMIN_TOKEN: a flag would show in `ps`."""
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    p.add_argument("--device", help="auto | cpu | cuda[:N] (default auto: the GPU when there is one)")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--served-model-name", help="the base model's id in the API (default: its directory name)")
+    p.add_argument("--adapter-store", help="adapter store directory (default <home>/adapters)")
+    p.add_argument("--api-keys-file", help='JSON {"<api key>": "<customer id>"}: require tenant API keys')
+    p.add_argument("--max-loras", type=int, help="adapter slots on the device")
+    p.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted")
+    p.add_argument("--max-num-seqs", type=int, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's, at most 8192)")
+    p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: derived)")
+    p.add_argument("--host-cache-bytes", type=int, help="host RAM for the adapter cache")
+    p.add_argument("--max-upload-bytes", type=int, help="largest adapter upload")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapter_store", "api_keys_file",
+                  "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                  "num_kv_blocks", "host_cache_bytes", "max_upload_bytes")
+
+
+def serve_settings(args: argparse.Namespace) -> Settings:
+    return _settings(args, **{name: getattr(args, name) for name in SERVE_SETTINGS})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.model.prepare import ModelPreparationError, prepare_model
+
+    try:
+        settings = serve_settings(args)
+        prepare_model(settings, settings.model)  # with a progress bar, before the server starts
+        app = create_app(settings)
+    except (ModelPreparationError, ValueError) as exc:
+        print(f"loraplex: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    if not settings.admin_token:
+        print("loraplex: the admin API is disabled; set LORAPLEX_ADMIN_TOKEN to upload adapters", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -70,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.set_defaults(func=cmd_generate)
 
-    # Until the HTTP API lands, `serve` prepares the model and runs one generation.
-    p = sub.add_parser("serve", help="prepare the model and serve it")
+    p = sub.add_parser("serve", help="serve the HTTP API (OpenAI-compatible inference, admin, metrics)")
     _add_common(p)
-    p.add_argument("prompt", nargs="?", default="What is the capital of France?")
-    p.add_argument("--device")
-    p.set_defaults(func=cmd_generate, adapter=None, max_tokens=64, temperature=0.0, seed=None, raw=False)
+    _add_serve_flags(p)
+    p.set_defaults(func=cmd_serve)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -6,8 +6,12 @@ Nothing else in loraplex reads the environment.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+# Prometheus metric names (legacy charset): the gateway alias settings are checked against it.
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 def _default_home() -> Path:
@@ -26,7 +30,24 @@ class Settings:
     num_kv_blocks: int = 0  # LORAPLEX_NUM_KV_BLOCKS: 0 = derive from max_num_seqs x context
     max_num_seqs: int = 32  # LORAPLEX_MAX_NUM_SEQS
     max_num_batched_tokens: int = 2048  # LORAPLEX_MAX_NUM_BATCHED_TOKENS: tokens per step (prefill chunks + decodes)
-    max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 4096)
+    max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 8192)
+    # --- HTTP server
+    host: str = "127.0.0.1"  # LORAPLEX_HOST
+    port: int = 8000  # LORAPLEX_PORT
+    served_model_name: str = ""  # LORAPLEX_SERVED_MODEL_NAME: the base model's id in the API; "" = its directory name
+    # LORAPLEX_ADMIN_TOKEN: bearer token of the admin API; unset = the admin API refuses every call
+    admin_token: str = field(default="", repr=False)
+    api_keys_file: str = ""  # LORAPLEX_API_KEYS_FILE: JSON {"<api key>": "<customer id>"}; "" = trust X-Customer-Id
+    adapter_store: str = ""  # LORAPLEX_ADAPTER_STORE: the adapter store directory; "" = <home>/adapters
+    host_cache_bytes: int = 2 << 30  # LORAPLEX_HOST_CACHE_BYTES: host RAM tier of the adapter cache
+    max_upload_bytes: int = 1 << 30  # LORAPLEX_MAX_UPLOAD_BYTES: one adapter upload (both files)
+    max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
+    # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
+    # the loraplex_* originals; comma-separated, "none" = do not export. Defaults: vLLM's names (the EPP's).
+    gateway_queue_metric: str = "vllm:num_requests_waiting"  # LORAPLEX_GATEWAY_QUEUE_METRIC
+    # LORAPLEX_GATEWAY_KV_USAGE_METRIC: vLLM renamed it; older endpoint pickers read the old name
+    gateway_kv_usage_metric: str = "vllm:kv_cache_usage_perc,vllm:gpu_cache_usage_perc"
+    gateway_lora_info_metric: str = "vllm:lora_requests_info"  # LORAPLEX_GATEWAY_LORA_INFO_METRIC
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -55,10 +76,32 @@ class Settings:
             raise ValueError("kv_block_size must be >= 1")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, not {self.port}")
+        if self.host_cache_bytes < 0 or self.max_upload_bytes < 1 or self.max_concurrent_uploads < 1:
+            raise ValueError("host_cache_bytes must be >= 0, max_upload_bytes and max_concurrent_uploads >= 1")
+        for name in ("gateway_queue_metric", "gateway_kv_usage_metric", "gateway_lora_info_metric"):
+            for metric in _names(getattr(self, name)):
+                if not _METRIC_NAME.fullmatch(metric):
+                    raise ValueError(f"{name}: {metric!r} is not a valid Prometheus metric name")
 
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def adapter_store_dir(self) -> Path:
+        return Path(self.adapter_store).expanduser() if self.adapter_store else self.home / "adapters"
+
+    def gateway_metric_names(self, name: str) -> list[str]:
+        """The alias names configured in `gateway_<name>_metric` (queue, kv_usage, lora_info)."""
+        return _names(getattr(self, f"gateway_{name}_metric"))
+
+
+def _names(value: str) -> list[str]:
+    if value.strip().lower() == "none":
+        return []
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _coerce(name: str, raw: str, type_name) -> object:

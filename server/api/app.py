@@ -1,0 +1,79 @@
+"""The FastAPI application: `create_app(settings)`.
+
+Everything heavy is built in `lifespan` (model load, engine thread, adapter store and cache:
+`Service.start`) and kept on `app.state`; shutdown stops the engine loop, which ends every open
+stream. One router per area: completions (OpenAI-compatible inference), admin (adapters), ops
+(health, readiness, metrics). Errors are mapped to OpenAI's envelope in server/api/errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api.auth import ApiKeys
+from server.api.errors import install_error_handlers
+from server.api.routers import admin, completions, ops
+from server.config import Settings
+from server.metrics import Metrics
+from server.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics(settings)
+    api_keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = await asyncio.to_thread(Service.start, settings, metrics)
+        metrics.set_build_info(model=service.model.name, device=service.model.device, dtype=service.model.dtype)
+        metrics.bind_engine(service.snapshot)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await asyncio.to_thread(service.stop)
+
+    app = FastAPI(title="loraplex", summary="Multi-tenant LoRA inference server (OpenAI-compatible)",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.api_keys = api_keys
+    app.state.service = None
+    app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
+    install_error_handlers(app)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    app.include_router(completions.router)
+    app.include_router(admin.router)
+    app.include_router(ops.router)
+    return app
+
+
+class RequestCounter:
+    """ASGI middleware: count every HTTP answer by route template (bounded) and status class."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_counting(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            route = scope.get("route")
+            self.metrics.count_http(getattr(route, "path", "unmatched"), status)
