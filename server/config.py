@@ -29,6 +29,7 @@ class Settings:
     kv_block_size: int = 16  # LORAPLEX_KV_BLOCK_SIZE: tokens per KV cache block
     num_kv_blocks: int = 0  # LORAPLEX_NUM_KV_BLOCKS: 0 = derive from max_num_seqs x context
     max_num_seqs: int = 32  # LORAPLEX_MAX_NUM_SEQS
+    gpu_memory_utilization: float = 0.9  # LORAPLEX_GPU_MEMORY_UTILIZATION: share of GPU memory for weights, adapters and KV cache
     max_num_batched_tokens: int = 2048  # LORAPLEX_MAX_NUM_BATCHED_TOKENS: tokens per step (prefill chunks + decodes)
     max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 8192)
     # --- HTTP server
@@ -72,6 +73,8 @@ class Settings:
             raise ValueError("max_loras must be >= 1")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_block_size < 1:
             raise ValueError("kv_block_size must be >= 1")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:

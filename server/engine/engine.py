@@ -70,13 +70,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.model = model
         cfg = model.config
-        self.limits = _limits(settings, cfg, self.dtype)
+        # the adapter pool first: on the GPU the KV cache takes what memory is left
+        self.pool = AdapterPool(self.model, settings.max_loras, settings.max_lora_rank)
+        self.limits = _limits(settings, cfg, self.dtype, self.device)
         self.kv_cache = KVCache(
             cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
             cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
         )
         self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size)
-        self.pool = AdapterPool(self.model, self.limits.max_loras, self.limits.max_lora_rank)
         self.adapters = (make_adapters or InMemoryAdapters)(self.pool)
         self.scheduler = Scheduler(
             SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
@@ -255,13 +256,22 @@ class Engine:
         seq.finish_reason = reason
 
 
-def _limits(settings: Settings, cfg, dtype: torch.dtype) -> EngineLimits:
+def _kv_cache_budget(settings: Settings, device: torch.device) -> int:
+    """Bytes for the KV cache: 1 GiB on the CPU; on the GPU what is free after the model and
+    the adapter pool, less the share `gpu_memory_utilization` keeps back for activations."""
+    if device.type != "cuda":
+        return CPU_KV_CACHE_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - (1 - settings.gpu_memory_utilization) * total))
+
+
+def _limits(settings: Settings, cfg, dtype: torch.dtype, device: torch.device) -> EngineLimits:
     max_model_len = settings.max_model_len or min(cfg.max_position_embeddings, 8192)
     num_blocks = settings.num_kv_blocks
     if num_blocks == 0:
         per_block = KVCache.bytes_per_block(cfg.num_layers, settings.kv_block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
         wanted = settings.max_num_seqs * -(-max_model_len // settings.kv_block_size)
-        num_blocks = max(1, min(wanted, CPU_KV_CACHE_BYTES // per_block))
+        num_blocks = max(1, min(wanted, _kv_cache_budget(settings, device) // per_block))
     return EngineLimits(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,

@@ -34,6 +34,7 @@ class AdapterPool:
         shape = (model.config.num_layers, len(PROJECTION_SLICES), num_slots, 3)
         self._scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._proj_index = proj_index = {name: i for i, name in enumerate(PROJECTION_SLICES)}
         for layer, name, proj in model.projections():
             in_features = proj.weight.shape[1]
@@ -69,6 +70,19 @@ class AdapterPool:
             raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds the pool's max rank {self.max_rank}")
+        if self.device.type != "cuda":
+            self._write_slot(slot, adapter)
+            return
+        # On the GPU the copies run on a side stream, so the engine thread does not wait for
+        # them: the side stream first waits for the batches still reading the slot's old
+        # contents, and the compute stream waits for the copies before its next use.
+        compute = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self._copy_stream):
+            self._write_slot(slot, adapter)
+        compute.wait_stream(self._copy_stream)
+
+    def _write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         adapter = adapter.to(self.device, non_blocking=True)
         scales = torch.zeros(self._scales.shape[0], self._scales.shape[1], 3)
         ranks = torch.zeros(scales.shape, dtype=torch.int32)
@@ -87,8 +101,10 @@ class AdapterPool:
         self.clear(slot)
         if targets:
             torch._foreach_copy_(targets, sources)
-        self._scales[:, :, slot].copy_(scales)
-        self._ranks[:, :, slot].copy_(ranks)
+        if self.device.type == "cuda":
+            scales, ranks = scales.pin_memory(), ranks.pin_memory()
+        self._scales[:, :, slot].copy_(scales, non_blocking=True)
+        self._ranks[:, :, slot].copy_(ranks, non_blocking=True)
 
     def clear(self, slot: int) -> None:
         torch._foreach_zero_([t[slot] for s in self._slots.values() for t in (*s.lora_a, *s.lora_b)])
