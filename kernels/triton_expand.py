@@ -31,6 +31,11 @@ the zero padding). Rank 0 (a slice the adapter does not target) reads no B and a
 bf16/fp16/fp32; v is rounded to B's dtype for the tensor cores (fp32 pools stay in fp32).
 
 CUDA graphs: the grid depends only on T, the slot count, the widths and the configuration.
+
+Launch latency: decode-sized batches are launched with programmatic dependent launch where
+available (see kernels/triton_shrink.py); a program reads the metadata, slot rank, scale and,
+in the decode configuration (one column block, one rank chunk), its block of B before it waits
+for the previous kernel (the shrink that writes v); y and v are read after the wait.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_shrink import _check_meta, dot_in_fp32
+from kernels.triton_shrink import _check_meta, dot_in_fp32, gdc_launch_dependents, gdc_wait, pdl_args
 from kernels.metadata import MAX_RANK_CHUNKS, MAX_SLICES, LoRABatchMeta, max_tiles
 
 
@@ -50,7 +55,7 @@ def _expand_tile(
     y_ptr, v_ptr, b_ptr, scale, slot, rank, tok, row_ok, block, n_out, col0,
     stride_yt, stride_yn, stride_vt, stride_vr, stride_bs, stride_bn, stride_br,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, N_SUB: tl.constexpr,
-    SINGLE_R: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    SINGLE_R: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = block * (BLOCK_N * N_SUB) + tl.arange(0, BLOCK_N)
@@ -59,6 +64,15 @@ def _expand_tile(
     v_ptrs = v_ptr + tok[:, None] * stride_vt + offs_r[None, :] * stride_vr  # (BLOCK_T, BLOCK_R)
     if SINGLE_R:  # the whole rank in one chunk: v is read once and the loop below is innermost
         r_ok = offs_r < rank
+        if USE_PDL and N_SUB == 1:  # B is the adapter's, never the previous kernel's: load it first
+            if EVEN_N:
+                b_first = tl.load(b_ptrs, mask=r_ok[:, None], other=0.0)
+            else:
+                b_first = tl.load(b_ptrs, mask=r_ok[:, None] & (offs_n < n_out)[None, :], other=0.0)
+    if USE_PDL:  # y and v below may be the previous kernel's
+        gdc_wait()
+        gdc_launch_dependents()
+    if SINGLE_R:
         v_tile = tl.load(v_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # fp32
         if not DOT_FP32:
             v_tile = v_tile.to(b_ptr.dtype.element_ty)
@@ -71,7 +85,10 @@ def _expand_tile(
             n_ok = (offs_n + j * BLOCK_N < n_out)[None, :]
         y_tile = tl.load(y_ptrs, mask=row_ok[:, None] & n_ok, other=0.0)
         if SINGLE_R:
-            b_tile = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok, other=0.0)  # (BLOCK_R, BLOCK_N)
+            if USE_PDL and N_SUB == 1:
+                b_tile = b_first
+            else:
+                b_tile = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok, other=0.0)  # (BLOCK_R, BLOCK_N)
             if DOT_FP32:
                 acc = tl.dot(v_tile, b_tile.to(tl.float32), input_precision="ieee")
             else:
@@ -101,7 +118,7 @@ def _lora_expand_kernel(
     stride_ss, stride_si, stride_rs, stride_ri,
     N_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, N_SUB: tl.constexpr,
-    SINGLE_R: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    SINGLE_R: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # axis 0: column blocks (BLOCK_N * N_SUB wide) of slice 0, then 1, then 2; axis 1: tiles
     pid_n = tl.program_id(0)
@@ -126,17 +143,17 @@ def _lora_expand_kernel(
         if slice_id == 0:
             _expand_tile(y_ptr, v_i, b0_ptr, scale, slot, rank, tok, row_ok, pid_n, n0, 0,
                          stride_yt, stride_yn, stride_vt, stride_vr, stride_b0s, stride_b0n, stride_b0r,
-                         BLOCK_T, BLOCK_N, BLOCK_R, N_SUB, SINGLE_R, EVEN_N, DOT_FP32)
+                         BLOCK_T, BLOCK_N, BLOCK_R, N_SUB, SINGLE_R, EVEN_N, DOT_FP32, USE_PDL)
         if N_SLICES > 1:
             if slice_id == 1:
                 _expand_tile(y_ptr, v_i, b1_ptr, scale, slot, rank, tok, row_ok, pid_n - nb0, n1, n0,
                              stride_yt, stride_yn, stride_vt, stride_vr, stride_b1s, stride_b1n, stride_b1r,
-                             BLOCK_T, BLOCK_N, BLOCK_R, N_SUB, SINGLE_R, EVEN_N, DOT_FP32)
+                             BLOCK_T, BLOCK_N, BLOCK_R, N_SUB, SINGLE_R, EVEN_N, DOT_FP32, USE_PDL)
         if N_SLICES > 2:
             if slice_id == 2:
                 _expand_tile(y_ptr, v_i, b2_ptr, scale, slot, rank, tok, row_ok, pid_n - nb0 - nb1, n2,
                              n0 + n1, stride_yt, stride_yn, stride_vt, stride_vr, stride_b2s, stride_b2n,
-                             stride_b2r, BLOCK_T, BLOCK_N, BLOCK_R, N_SUB, SINGLE_R, EVEN_N, DOT_FP32)
+                             stride_b2r, BLOCK_T, BLOCK_N, BLOCK_R, N_SUB, SINGLE_R, EVEN_N, DOT_FP32, USE_PDL)
 
 
 def expand_config(num_tokens: int, max_rank: int, meta: LoRABatchMeta) -> dict:
@@ -205,6 +222,7 @@ def lora_expand(
         *(slot_ranks.stride() if slot_ranks is not None else (0, 0)),
         N_SLICES=n_slices, HAS_RANKS=slot_ranks is not None, BLOCK_T=block_t,
         EVEN_N=all(n % span == 0 for n in widths), SINGLE_R=cfg["BLOCK_R"] >= max_rank,
-        DOT_FP32=dot_in_fp32(_lora_expand_kernel, lora_b[0].dtype), **cfg,
+        DOT_FP32=dot_in_fp32(_lora_expand_kernel, lora_b[0].dtype),
+        **pdl_args(_lora_expand_kernel, y.device, num_tokens), **cfg,
     )
     return y

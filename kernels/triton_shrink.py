@@ -34,6 +34,23 @@ A's dtype; fp32 pools multiply in full fp32).
 
 CUDA graphs: the grid depends only on T, the pool's slot count and the configuration; all
 step data is read from the metadata's device buffers; no host synchronisation.
+
+Launch latency (programmatic dependent launch, Hopper and later; `use_pdl`). Decode batches are
+latency-bound: a shrink+expand pair is two launches, each with a chain of metadata -> token
+index -> data loads before weights move. Both kernels are launched with `launch_pdl` so that each
+may start while the kernel before it in the stream finishes: a program reads only the step's
+metadata, its slot's rank (and, in the expand, scale and first block of B), then waits (`gdc_wait`, which returns once
+the previous kernel has completed and its writes are visible) before it reads x, y, v or the
+split-K workspace, and then lets the next kernel launch (`gdc_launch_dependents`). Activations
+are only read after the wait, so semantics are unchanged, with one condition: the metadata and
+the pool (weights, slot_ranks, scales) must not be written by the kernel launched just before on
+the same stream. The engine meets it: metadata arrives by host copies, and server/lora/pool.py
+writes slots on a side stream that the compute stream waits for (a cross-stream wait serialises
+fully). Without PDL (`PDL_ENABLED = False`, pre-Hopper GPUs, the interpreter, or batches over
+PDL_MAX_TOKENS tokens) both calls compile away and the kernels are the plain ones. Measured on
+the H200 (loadtest/results/README.md): a pair at T <= 64 got 1-2 us faster (T = 1: 6.4 -> 4.5
+us), while at T = 256 and prefill with rank 64 it got 1-4% slower (the early-launched programs
+wait in place, which seems to unbalance a full wave), hence the cut-off.
 """
 
 from __future__ import annotations
@@ -47,6 +64,14 @@ import triton.language as tl
 
 from kernels.metadata import MAX_RANK_CHUNKS, MAX_SLICES, TILE_SIZES, LoRABatchMeta, max_tiles
 
+try:  # grid dependency control, for programmatic dependent launch (see the module docstring)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older triton: `use_pdl` is then False and the calls are never compiled
+    gdc_launch_dependents = gdc_wait = None
+
+PDL_ENABLED = True  # the switch for `use_pdl`; loadtest/bench_lora_kernels.py --no-pdl clears it
+PDL_MAX_TOKENS = 64  # larger batches launch plainly (see the module docstring)
+
 _COUNTER_SLICES = tl.constexpr(MAX_SLICES)  # counters are laid out (tile, slice, rank chunk)
 
 
@@ -55,6 +80,32 @@ def dot_in_fp32(kernel, dtype: torch.dtype) -> bool:
     `tl.dot` returns garbage (seen with triton 3.9). Exact products either way."""
     interpreted = type(kernel).__name__ == "InterpretedFunction"
     return dtype == torch.float32 or (interpreted and dtype == torch.bfloat16)
+
+
+def use_pdl(kernel, device: torch.device, num_tokens: int = 1) -> bool:
+    """Launch with programmatic dependent launch: decode-sized batches (<= PDL_MAX_TOKENS) of
+    compiled CUDA kernels on sm_90 or later, with a triton that has both the launch option and
+    the gdc calls; never under the interpreter. Depends on static shapes only (graph-safe)."""
+    if not PDL_ENABLED or num_tokens > PDL_MAX_TOKENS or device.type != "cuda" or gdc_wait is None:
+        return False
+    if type(kernel).__name__ == "InterpretedFunction":
+        return False
+    return _pdl_supported(device)
+
+
+def pdl_args(kernel, device: torch.device, num_tokens: int) -> dict:
+    """The kernel's USE_PDL constexpr and, where it is set, the matching launch option."""
+    pdl = use_pdl(kernel, device, num_tokens)
+    return dict(USE_PDL=pdl, launch_pdl=True) if pdl else dict(USE_PDL=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device: torch.device) -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -122,7 +173,7 @@ def _lora_shrink_kernel(
     stride_rs, stride_ri, stride_oi, stride_ot, stride_or, stride_wp, stride_wi, stride_wt,
     N_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # axis 0: (slice, rank chunk, split), split fastest so programs sharing x run together
     pid = tl.program_id(0)
@@ -145,6 +196,9 @@ def _lora_shrink_kernel(
         else:
             rank = max_rank + 0 * slot
         rank = tl.where(slot >= 0, rank, 0)
+        if USE_PDL:  # metadata only above; x, out and the workspace may be the previous kernel's
+            gdc_wait()
+            gdc_launch_dependents()
         out_i = out_ptr + slice_id * stride_oi
         ws_i = ws_ptr + slice_id * stride_wi
         # one branch per slice: each keeps its pointer's alignment facts for vectorised loads
@@ -249,7 +303,7 @@ def lora_shrink(
         *out.stride(), ws.stride(0) if split > 1 else 0, *(ws.stride()[-3:-1] if split > 1 else (0, 0)),
         N_SLICES=n_slices, HAS_RANKS=slot_ranks is not None, SPLIT_K=split, BLOCK_T=block_t,
         EVEN_K=h_in % (cfg["BLOCK_K"] * split) == 0, DOT_FP32=dot_in_fp32(_lora_shrink_kernel, lora_a[0].dtype),
-        **cfg,
+        **pdl_args(_lora_shrink_kernel, x.device, num_tokens), **cfg,
     )
     return out
 

@@ -1,6 +1,7 @@
 """Benchmark the Triton LoRA shrink+expand pair against two PyTorch baselines on one GPU.
 
-    python3 loadtest/bench_lora_kernels.py [--out DIR] [--only SUBSTRING] [--tune] [--dry-run]
+    python3 loadtest/bench_lora_kernels.py [--out DIR] [--only SUBSTRING] [--tune] [--dry-run] [--no-pdl]
+                                           [--compare-no-pdl]
 
 Measures the device copy bandwidth, then for Llama-3-8B shapes (a 4096 -> 4096 projection,
 and the fused q/k/v 4096 -> 4096/1024/1024), ranks 8, 16, 64 and a mixed pool (ranks 8/16/64
@@ -17,6 +18,9 @@ Effective bandwidth counts the bytes that must be touched: x, each distinct adap
 once at its true rank, and y read and written. Results: a table on stdout and JSON
 (`kernel_bench_h200.json`) in --out, default loadtest/results. `--dry-run` runs tiny shapes on
 the CPU under the Triton interpreter to check the plumbing (timings there mean nothing).
+The kernels use programmatic dependent launch where the GPU and triton allow (see
+kernels/triton_shrink.py); `--no-pdl` turns it off, and `--compare-no-pdl` also times our pair
+without it in the same run (`ours_nopdl_us`, `ours_nopdl_shrink_us`, `ours_nopdl_expand_us`).
 """
 
 from __future__ import annotations
@@ -236,7 +240,20 @@ def pairs_for(pool, name, device) -> tuple[list[Pair], list[int], int]:
     return make_pairs(pool, name, num_pairs if device.type == "cuda" else 1, device), probe, nbytes
 
 
-def bench_case(proj, rank, name, device, copy_bw, pool):
+def without_pdl(fn):
+    """fn with programmatic dependent launch off while it runs (and while it is captured)."""
+    import kernels.triton_shrink as shrink_module
+
+    def run(p: Pair, y: torch.Tensor):
+        saved, shrink_module.PDL_ENABLED = shrink_module.PDL_ENABLED, False
+        try:
+            fn(p, y)
+        finally:
+            shrink_module.PDL_ENABLED = saved
+    return run
+
+
+def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False):
     pairs, probe, nbytes = pairs_for(pool, name, device)
     methods = {"ours": ours(pool), "gather_bmm": gather_bmm(pool), "loop_matmul": loop_matmuls(pool)}
     row = dict(proj=proj, rank=rank, scenario=name, tokens=len(probe), adapters=len(set(probe)), pairs=len(pairs),
@@ -250,6 +267,9 @@ def bench_case(proj, rank, name, device, copy_bw, pool):
     row["ours_shrink_us"] = time_pairs(ours(pool, parts=("shrink",)), pairs)
     row["ours_expand_us"] = time_pairs(ours(pool, parts=("expand",)), pairs)
     row["ours_GBps"] = nbytes / (row["ours_us"] * 1e-6) / 1e9
+    if compare_no_pdl:
+        for key, parts in (("", ("shrink", "expand")), ("_shrink", ("shrink",)), ("_expand", ("expand",))):
+            row[f"ours_nopdl{key}_us"] = time_pairs(without_pdl(ours(pool, parts=parts)), pairs)
     return row
 
 
@@ -330,10 +350,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "loadtest/results")
     parser.add_argument("--tune", action="store_true", help="sweep launch configurations on key cases instead")
-    parser.add_argument("--only", default="", help="run only cases whose 'proj/rank/scenario' contains this")
+    parser.add_argument("--only", default="", help="run only cases whose 'proj/rank/scenario' contains this "
+                        "(several, comma-separated: any of them)")
     parser.add_argument("--tune-file", default="kernel_tune_h200.json", help="--tune's JSON file name in --out")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
+    parser.add_argument("--no-pdl", action="store_true", help="launch the kernels without programmatic dependent launch")
+    parser.add_argument("--compare-no-pdl", action="store_true", help="also time our pair without it")
     args = parser.parse_args(argv)
+    if args.no_pdl:
+        import kernels.triton_shrink as shrink_module
+        shrink_module.PDL_ENABLED = False
     global NUM_SLOTS, PROJECTIONS
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -347,26 +373,37 @@ def main(argv=None) -> int:
     report = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
                   torch=torch.__version__, triton=triton.__version__, copy_bandwidth_GBps=copy_bw / 1e9,
                   method="median of 20 CUDA-graph replays; per pair = replay / pairs", cases=[])
+    if device.type == "cuda":
+        from kernels.triton_shrink import PDL_MAX_TOKENS, _lora_shrink_kernel, use_pdl
+        report["pdl_up_to_tokens"] = PDL_MAX_TOKENS if use_pdl(_lora_shrink_kernel, device) else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
     header = (f"{'proj':4} {'rank':>5} {'scenario':20} {'ours us':>8} {'shr':>6} {'exp':>6} {'GB/s':>6} "
-              f"{'%copy':>6} {'bmm us':>8} {'loop us':>8} ok")
+              f"{'%copy':>6} {'bmm us':>8} {'loop us':>8} ok" + ("  nopdl us   shr   exp" if args.compare_no_pdl else ""))
     print(header, flush=True)
+
+    def wanted(case: str) -> bool:
+        return not args.only or any(part in case for part in args.only.split(","))
+
     for proj in PROJECTIONS:
         for rank in RANKS:
-            if args.only and not any(args.only in f"{proj}/{rank}/{s}" for s in SCENARIOS):
+            if not any(wanted(f"{proj}/{rank}/{s}") for s in SCENARIOS):
                 continue
             pool = Pool(*PROJECTIONS[proj], rank, NUM_SLOTS, device)
             for name in SCENARIOS:
-                if args.only and args.only not in f"{proj}/{rank}/{name}":
+                if not wanted(f"{proj}/{rank}/{name}"):
                     continue
-                row = bench_case(proj, rank, name, device, copy_bw, pool)
+                row = bench_case(proj, rank, name, device, copy_bw, pool, args.compare_no_pdl)
                 report["cases"].append(row)
+                extra = ""
+                if args.compare_no_pdl:
+                    extra = (f"  {row['ours_nopdl_us']:8.1f} {row['ours_nopdl_shrink_us']:5.1f} "
+                             f"{row['ours_nopdl_expand_us']:5.1f}")
                 print(f"{proj:4} {rank!s:>5} {name:20} {row['ours_us']:8.1f} {row['ours_shrink_us']:6.1f} "
                       f"{row['ours_expand_us']:6.1f} {row['ours_GBps']:6.0f} {100 * row['ours_frac_copy']:5.1f}% "
-                      f"{row['gather_bmm_us']:8.1f} {row['loop_matmul_us']:8.1f} {'yes' if row['agree'] else 'NO'}",
-                      flush=True)
+                      f"{row['gather_bmm_us']:8.1f} {row['loop_matmul_us']:8.1f} {'yes' if row['agree'] else 'NO'}"
+                      + extra, flush=True)
                 (out / "kernel_bench_h200.json").write_text(json.dumps(report, indent=1))
             del pool
             if device.type == "cuda":
