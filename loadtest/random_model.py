@@ -37,7 +37,10 @@ def random_model(shape: dict, dtype: torch.dtype, device: str, seed: int = 0) ->
     return model.eval()
 
 
-def random_adapter(cfg: ModelConfig, rank: int, modules: tuple[str, ...], seed: int, device="cpu", dtype=torch.bfloat16) -> LoRAAdapter:
+def random_adapter(
+    cfg: ModelConfig, rank: int, modules: tuple[str, ...], seed: int, device="cpu", dtype=torch.bfloat16, b_std: float = 0.01
+) -> LoRAAdapter:
+    """Random A (scaled by 1/sqrt(fan_in)) and B (N(0, b_std)) for `modules` in every layer, scale 2."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = cfg.linear_shapes()
     weights = {}
@@ -46,7 +49,7 @@ def random_adapter(cfg: ModelConfig, rank: int, modules: tuple[str, ...], seed: 
             fan_in, fan_out = shapes[m]
             weights[(layer, m)] = LoRAModuleWeights(
                 lora_a=(torch.randn(rank, fan_in, generator=gen, device=device) / fan_in**0.5).to(dtype),
-                lora_b=(torch.randn(fan_out, rank, generator=gen, device=device) * 0.01).to(dtype),
+                lora_b=(torch.randn(fan_out, rank, generator=gen, device=device) * b_std).to(dtype),
                 scale=2.0,
             )
     return LoRAAdapter(rank=rank, alpha=2.0 * rank, use_rslora=False, target_modules=tuple(sorted(modules)), modules=weights)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 # Named LoRA configurations the equivalence tests sweep.
 LORA_CONFIGS = {
@@ -33,3 +35,17 @@ def make_peft_model(base, config_name: str, seed: int, b_std: float = 0.05):
 def save_adapter(peft_model, path: Path) -> Path:
     peft_model.save_pretrained(path)
     return path
+
+
+def save_random_tiny_adapter(base_config: LlamaConfig, lora_kwargs: dict, seed: int, directory: Path) -> Path:
+    """A random tiny Llama wrapped by peft, lora_B drawn from N(0, 1), saved as peft saves it."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(LlamaForCausalLM(base_config), LoraConfig(**lora_kwargs))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()
+        model.save_pretrained(directory)
+    return directory

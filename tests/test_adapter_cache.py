@@ -11,7 +11,6 @@ import json
 import re
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -20,9 +19,8 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load as load_safetensors  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 
 from server.lora.cache import AdapterCache, AdapterLoadError, AdapterState  # noqa: E402
 from server.lora.peft import load_peft_adapter  # noqa: E402
@@ -30,6 +28,7 @@ from server.lora.pool import PROJECTION_SLICES, AdapterPool  # noqa: E402
 from server.lora.store import AdapterStore  # noqa: E402
 from server.model.config import ModelConfig  # noqa: E402
 from server.model.llama import LlamaModel  # noqa: E402
+from tests.peft_helpers import save_random_tiny_adapter  # noqa: E402
 
 LLAMA = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=128)
@@ -53,16 +52,7 @@ class Saved:
 def adapters(tmp_path_factory) -> dict[str, Saved]:
     out = {}
     for name, (kwargs, seed) in LORAS.items():
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = get_peft_model(LlamaForCausalLM(LLAMA), LoraConfig(**kwargs))
-            with torch.no_grad():
-                for param_name, p in model.named_parameters():
-                    if "lora_B" in param_name:
-                        p.normal_()
-            directory = tmp_path_factory.mktemp(name)
-            model.save_pretrained(directory)
+        directory = save_random_tiny_adapter(LLAMA, kwargs, seed, tmp_path_factory.mktemp(name))
         weights = (directory / "adapter_model.safetensors").read_bytes()
         tensors: dict = {}
         for key, tensor in load_safetensors(weights).items():

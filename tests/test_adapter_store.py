@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import threading
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 
 from server.lora.peft import AdapterValidationError, load_peft_adapter, load_peft_adapter_dir  # noqa: E402
 from server.lora.store import (  # noqa: E402
@@ -31,6 +29,7 @@ from server.lora.store import (  # noqa: E402
     InvalidCustomerId,
 )
 from server.model.config import ModelConfig  # noqa: E402
+from tests.peft_helpers import save_random_tiny_adapter  # noqa: E402
 
 LLAMA = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=128)
@@ -50,16 +49,7 @@ def adapters(tmp_path_factory) -> dict[str, tuple[bytes, bytes]]:
     """Name -> (adapter_config.json bytes, adapter_model.safetensors bytes), as peft saved them."""
     out = {}
     for name, kwargs in LORAS.items():
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = get_peft_model(LlamaForCausalLM(LLAMA), LoraConfig(**kwargs))
-            with torch.no_grad():
-                for param_name, p in model.named_parameters():
-                    if "lora_B" in param_name:
-                        p.normal_()
-            directory = tmp_path_factory.mktemp(name)
-            model.save_pretrained(directory)
+        directory = save_random_tiny_adapter(LLAMA, kwargs, 0, tmp_path_factory.mktemp(name))
         out[name] = ((directory / "adapter_config.json").read_bytes(),
                      (directory / "adapter_model.safetensors").read_bytes())
     return out

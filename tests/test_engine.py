@@ -3,25 +3,16 @@
 import pytest
 import torch
 
+from loadtest.random_model import random_adapter as _random_adapter
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
-from server.lora.adapter import LoRAAdapter, LoRAModuleWeights
+from server.lora.adapter import LoRAAdapter
 
 
 def random_adapter(model_config, rank: int, seed: int, modules=("q_proj", "v_proj", "down_proj")) -> LoRAAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    shapes = model_config.linear_shapes()
-    weights = {}
-    for layer in range(model_config.num_layers):
-        for m in modules:
-            fan_in, fan_out = shapes[m]
-            weights[(layer, m)] = LoRAModuleWeights(
-                lora_a=torch.randn(rank, fan_in, generator=gen) / fan_in**0.5,
-                lora_b=torch.randn(fan_out, rank, generator=gen) * 0.05,
-                scale=2.0,
-            )
-    return LoRAAdapter(rank=rank, alpha=2 * rank, use_rslora=False, target_modules=tuple(sorted(modules)), modules=weights)
+    """A random fp32 adapter whose B is large enough to change greedy outputs."""
+    return _random_adapter(model_config, rank, tuple(modules), seed, dtype=torch.float32, b_std=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ class AttentionMeta:
     query_starts: list[int]  # (B+1,) offsets of each sequence's tokens in the flat batch
     context_lens: list[int]  # (B,) keys visible to each sequence after this step
     block_tables: torch.Tensor  # (B, max_blocks) int64, padded with 0
+    context_lens_tensor: torch.Tensor  # (B,) int64: context_lens on the device, built once per step
     sliding_window: int | None = None
 
     @property
@@ -58,7 +59,7 @@ def _decode_attention(q, kv_cache: KVCache, layer: int, meta: AttentionMeta, sca
     bsz = meta.num_seqs
     k = kv_cache.k[layer][tables].flatten(1, 2)[:, :max_len]  # (B, L, kv_heads, head_dim)
     v = kv_cache.v[layer][tables].flatten(1, 2)[:, :max_len]
-    lens = torch.tensor(meta.context_lens, device=q.device)
+    lens = meta.context_lens_tensor
     key_pos = torch.arange(max_len, device=q.device)
     mask = key_pos[None, :] < lens[:, None]  # (B, L)
     if meta.sliding_window is not None:

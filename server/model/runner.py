@@ -57,6 +57,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_starts=query_starts,
             context_lens=context_lens,
+            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
             sliding_window=self.model.config.sliding_window,
         )
