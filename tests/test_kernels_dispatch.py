@@ -1,10 +1,11 @@
-"""`kernels.lora_shrink` / `lora_expand` stay the dispatching functions whatever was imported."""
+"""`kernels.lora_apply` / `lora_shrink` / `lora_expand` stay the dispatching functions whatever was imported."""
 
 import kernels
 import kernels.triton_expand  # noqa: F401  importing the Triton modules must not shadow the API
+import kernels.triton_fused  # noqa: F401
 import kernels.triton_shrink  # noqa: F401
 
 
 def test_public_ops_are_functions_after_importing_the_triton_modules():
-    assert callable(kernels.lora_shrink) and callable(kernels.lora_expand)
-    assert kernels.lora_shrink.__module__ == "kernels" and kernels.lora_expand.__module__ == "kernels"
+    for op in (kernels.lora_apply, kernels.lora_shrink, kernels.lora_expand):
+        assert callable(op) and op.__module__ == "kernels"

@@ -47,8 +47,7 @@ class Projection(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.lora is not None and lora_meta is not None and lora_meta.has_lora:
             lora = self.lora
-            v = kernels.lora_shrink(x, lora.lora_a, lora_meta, slot_ranks=lora.slot_ranks)
-            kernels.lora_expand(y, v, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
+            kernels.lora_apply(y, x, lora.lora_a, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
         return y
 
 
