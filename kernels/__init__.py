@@ -1,12 +1,13 @@
 """LoRA kernels: `lora_apply` (y += scale * (x A^T) B^T per token), the op the model calls,
 and its two halves `lora_shrink` (x -> x A^T) and `lora_expand` (y += scale * v B^T).
 
-On CUDA tensors (with triton installed) these are the Triton kernels: `lora_apply` runs
-decode-like batches (no adapter with PREFILL_GROUP_TOKENS tokens or more) through the fused
-one-launch kernel of `triton_fused.py`, and prefill-like ones through the SGMV pair of
-`triton_shrink.py` and `triton_expand.py`. Elsewhere they are the plain-PyTorch references of
-`lora_reference.py`, the test oracle, behind the same signatures. `slot_ranks` ((num_slots, n_slices) int32 on the
-device, optional) lets the Triton kernels read and compute only each slot's true rank; the
+On CUDA tensors (with triton installed) these are the Triton kernels of `triton_shrink.py` and
+`triton_expand.py` (`lora_apply` is the pair, v passing through an fp32 buffer); elsewhere they
+are the plain-PyTorch references of `lora_reference.py`, the test oracle, behind the same
+signatures. (A one-launch fused decode kernel, v kept in registers, was built and measured
+slower than the pair at every decode shape on the H200: each program then walks the whole of
+h_in alone; loadtest/results/README.md has the figures.) `slot_ranks` ((num_slots, n_slices)
+int32 on the device, optional) lets the Triton kernels read and compute only each slot's true rank; the
 references ignore it, being exact through the pool's zero padding. The Triton modules are
 imported on first use, so importing `kernels` stays cheap and never decides for the CPU
 interpreter (TRITON_INTERPRET=1) before a test can.
@@ -20,32 +21,22 @@ from kernels.lora_reference import lora_expand_reference, lora_shrink_reference
 from kernels.metadata import LoRABatchMeta
 
 
-PREFILL_GROUP_TOKENS = 64  # an adapter with this many tokens in a batch makes it prefill-like
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_ops():
-    """(lora_shrink, lora_expand, lora_shrink_expand) from Triton, or None without triton."""
+    """(lora_shrink, lora_expand) from Triton, or None where triton is not installed."""
     try:
         from kernels.triton_expand import lora_expand as expand
-        from kernels.triton_fused import lora_shrink_expand as fused
         from kernels.triton_shrink import lora_shrink as shrink
     except ImportError:
         return None
-    return shrink, expand, fused
+    return shrink, expand
 
 
 def lora_apply(y, x, lora_a, lora_b, scales, meta, slot_ranks=None):
     """y += scales[s, i] * (lora_b[i][s] @ (lora_a[i][s] @ x[t])) for every token t of slot s >= 0,
     slice by slice (slices side by side in y), in place; returns y."""
-    ops = _triton_ops() if y.is_cuda else None
-    if ops is None:
-        return lora_expand_reference(y, lora_shrink_reference(x, lora_a, meta), lora_b, scales, meta)
-    shrink, expand, fused = ops
-    if meta.max_group_tokens < PREFILL_GROUP_TOKENS:
-        return fused(y, x, lora_a, lora_b, scales, meta, slot_ranks=slot_ranks)
-    v = shrink(x, lora_a, meta, slot_ranks=slot_ranks)
-    return expand(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
+    v = lora_shrink(x, lora_a, meta, slot_ranks=slot_ranks)
+    return lora_expand(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
 
 
 def lora_shrink(x, lora_a, meta, out=None, slot_ranks=None):

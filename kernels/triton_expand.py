@@ -76,19 +76,26 @@ def _expand_tile(
         v_tile = tl.load(v_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # fp32
         if not DOT_FP32:
             v_tile = v_tile.to(b_ptr.dtype.element_ty)
-    # N_SUB column blocks in a loop: the tile's metadata is paid for once and the next
-    # block's loads can be in flight while this one is added
-    for j in range(N_SUB):
-        if EVEN_N:  # no mask along the contiguous axis keeps the loads 16 bytes wide
-            n_ok = tl.full((1, BLOCK_N), 1, tl.int1)
+    # N_SUB column blocks, unrolled: the tile's metadata is paid for once, and each block's y
+    # (and B) loads are issued before the block before it is added and stored, by hand, since
+    # Triton's pipeliner only overlaps the loads that feed a tl.dot inside a loop
+    y_next = tl.load(y_ptrs, mask=row_ok[:, None] & _cols_ok(offs_n, n_out, EVEN_N), other=0.0)
+    if SINGLE_R:
+        if USE_PDL and N_SUB == 1:
+            b_next = b_first
         else:
-            n_ok = (offs_n + j * BLOCK_N < n_out)[None, :]
-        y_tile = tl.load(y_ptrs, mask=row_ok[:, None] & n_ok, other=0.0)
+            b_next = tl.load(b_ptrs, mask=r_ok[:, None] & _cols_ok(offs_n, n_out, EVEN_N), other=0.0)
+    for j in tl.static_range(N_SUB):
+        n_ok = _cols_ok(offs_n + j * BLOCK_N, n_out, EVEN_N)
+        y_tile = y_next
         if SINGLE_R:
-            if USE_PDL and N_SUB == 1:
-                b_tile = b_first
-            else:
-                b_tile = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok, other=0.0)  # (BLOCK_R, BLOCK_N)
+            b_tile = b_next
+        if j + 1 < N_SUB:
+            n_ok_next = _cols_ok(offs_n + (j + 1) * BLOCK_N, n_out, EVEN_N)
+            y_next = tl.load(y_ptrs + BLOCK_N * stride_yn, mask=row_ok[:, None] & n_ok_next, other=0.0)
+            if SINGLE_R:
+                b_next = tl.load(b_ptrs + BLOCK_N * stride_bn, mask=r_ok[:, None] & n_ok_next, other=0.0)
+        if SINGLE_R:
             if DOT_FP32:
                 acc = tl.dot(v_tile, b_tile.to(tl.float32), input_precision="ieee")
             else:
@@ -107,6 +114,15 @@ def _expand_tile(
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok)
         y_ptrs += BLOCK_N * stride_yn
         b_ptrs += BLOCK_N * stride_bn
+
+
+@triton.jit
+def _cols_ok(cols, n_out, EVEN_N: tl.constexpr):
+    """(1, BLOCK_N) mask of the columns inside the slice; all-true when every span divides it,
+    which keeps the loads along the contiguous axis unmasked and 16 bytes wide."""
+    if EVEN_N:
+        return tl.full((1, cols.shape[0]), 1, tl.int1)
+    return (cols < n_out)[None, :]
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Benchmark the Triton LoRA kernels against two PyTorch baselines on one GPU.
+"""Benchmark the Triton LoRA shrink+expand pair against two PyTorch baselines on one GPU.
 
     python3 loadtest/bench_lora_kernels.py [--out DIR] [--only SUBSTRING] [--tune] [--dry-run] [--no-pdl]
                                            [--compare-no-pdl]
@@ -7,7 +7,7 @@ Measures the device copy bandwidth, then for Llama-3-8B shapes (a 4096 -> 4096 p
 and the fused q/k/v 4096 -> 4096/1024/1024), ranks 8, 16, 64 and a mixed pool (ranks 8/16/64
 by slot, max_rank 64), times: decode with T = 1, 16, 64, 256 tokens each on its own adapter,
 decode with 256 tokens over Zipf-shared adapters, and prefill of 8 sequences x 512 tokens over
-8 adapters. Methods: ours (below), (a) gather the adapters'
+8 adapters. Methods: ours (kernels/triton_shrink.py + triton_expand.py), (a) gather the adapters'
 weights per token then torch.bmm, (b) a loop of per-adapter cuBLAS matmuls (rank-exact
 slices, contiguous segments as views, host-side scales: its best case).
 
@@ -15,15 +15,12 @@ Every figure is the median over replays of a CUDA graph holding several shrink+e
 each pair on its own adapters and activations, so that a replay touches far more than the
 50 MB L2 and is not served from it; the per-pair time is the replay time over the count.
 Effective bandwidth counts the bytes that must be touched: x, each distinct adapter's A and B
-once at its true rank, and y read and written. `ours` is what the model runs (kernels.lora_apply:
-the fused one-launch kernel of kernels/triton_fused.py for decode-like batches, the shrink+expand
-pair for prefill-like ones); `pair` (with its halves `shr`, `exp`) and `fused` are also timed
-alone. Results: a table on stdout and JSON (`kernel_bench_h200.json`) in --out, default
-loadtest/results. `--dry-run` runs tiny shapes on the CPU under the Triton interpreter to check
-the plumbing (timings there mean nothing). The kernels use programmatic dependent launch where
-the GPU and triton allow (see kernels/triton_shrink.py); `--no-pdl` turns it off, and
-`--compare-no-pdl` also times `ours` without it in the same run (`ours_nopdl_us`). `--tune`
-sweeps launch configurations of each kernel on key cases instead.
+once at its true rank, and y read and written. Results: a table on stdout and JSON
+(`kernel_bench_h200.json`) in --out, default loadtest/results. `--dry-run` runs tiny shapes on
+the CPU under the Triton interpreter to check the plumbing (timings there mean nothing).
+The kernels use programmatic dependent launch where the GPU and triton allow (see
+kernels/triton_shrink.py); `--no-pdl` turns it off, and `--compare-no-pdl` also times our pair
+without it in the same run (`ours_nopdl_us`, `ours_nopdl_shrink_us`, `ours_nopdl_expand_us`).
 """
 
 from __future__ import annotations
@@ -109,26 +106,7 @@ class Pair:
 
 # --- the three methods: each runs one pair ------------------------------------------------------
 
-def ours(pool):
-    """What the model runs: kernels.lora_apply (the fused kernel for decode, the pair for prefill)."""
-    from kernels import lora_apply
-
-    def run(p: Pair, y: torch.Tensor):
-        lora_apply(y, p.x, pool.a, pool.b, pool.scales, p.meta, slot_ranks=pool.slot_ranks)
-    return run
-
-
-def fused(pool, config=None):
-    """The one-launch decode kernel (kernels/triton_fused.py), whatever the batch."""
-    from kernels.triton_fused import lora_shrink_expand
-
-    def run(p: Pair, y: torch.Tensor):
-        lora_shrink_expand(y, p.x, pool.a, pool.b, pool.scales, p.meta, slot_ranks=pool.slot_ranks, config=config)
-    return run
-
-
-def pair(pool, shrink_cfg=None, expand_cfg=None, parts=("shrink", "expand")):
-    """The two-kernel SGMV pair (kernels/triton_shrink.py + triton_expand.py), v through memory."""
+def ours(pool, shrink_cfg=None, expand_cfg=None, parts=("shrink", "expand")):
     from kernels.triton_expand import lora_expand
     from kernels.triton_shrink import lora_shrink
 
@@ -277,81 +255,66 @@ def without_pdl(fn):
 
 def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False):
     pairs, probe, nbytes = pairs_for(pool, name, device)
-    methods = {"ours": ours(pool), "pair": pair(pool), "gather_bmm": gather_bmm(pool),
-               "loop_matmul": loop_matmuls(pool)}
-    if not name.startswith("prefill"):
-        methods["fused"] = fused(pool)
+    methods = {"ours": ours(pool), "gather_bmm": gather_bmm(pool), "loop_matmul": loop_matmuls(pool)}
     row = dict(proj=proj, rank=rank, scenario=name, tokens=len(probe), adapters=len(set(probe)), pairs=len(pairs),
                bytes=nbytes, agree=same_result(pairs, list(methods.values())))
     for label, fn in methods.items():
         # the baselines' graphs get long (one matmul per adapter): fewer pairs keep capture quick
-        use = pairs if label in ("ours", "pair", "fused") else pairs[: max(1, min(len(pairs), 4))]
+        use = pairs if label == "ours" else pairs[: max(1, min(len(pairs), 4))]
         us = time_pairs(fn, use)
         row[f"{label}_us"] = us
         row[f"{label}_frac_copy"] = nbytes / (us * 1e-6) / copy_bw
-    row["pair_shrink_us"] = time_pairs(pair(pool, parts=("shrink",)), pairs)
-    row["pair_expand_us"] = time_pairs(pair(pool, parts=("expand",)), pairs)
+    row["ours_shrink_us"] = time_pairs(ours(pool, parts=("shrink",)), pairs)
+    row["ours_expand_us"] = time_pairs(ours(pool, parts=("expand",)), pairs)
     row["ours_GBps"] = nbytes / (row["ours_us"] * 1e-6) / 1e9
     if compare_no_pdl:
-        row["ours_nopdl_us"] = time_pairs(without_pdl(ours(pool)), pairs)
+        for key, parts in (("", ("shrink", "expand")), ("_shrink", ("shrink",)), ("_expand", ("expand",))):
+            row[f"ours_nopdl{key}_us"] = time_pairs(without_pdl(ours(pool, parts=parts)), pairs)
     return row
 
 
-TUNE_CASES = [  # decode cases sweep the fused kernel, prefill ones the pair
-    ("o", 8, "decode-distinct-64"), ("o", 16, "decode-distinct-64"), ("qkv", 16, "decode-distinct-64"),
-    ("o", "mixed", "decode-distinct-64"), ("o", 8, "decode-distinct-256"), ("qkv", 8, "decode-distinct-256"),
-    ("o", 64, "decode-distinct-256"), ("qkv", "mixed", "decode-distinct-256"), ("o", 16, "decode-distinct-16"),
-    ("qkv", "mixed", "decode-zipf-256"), ("o", 64, "prefill-8x512"), ("qkv", "mixed", "prefill-8x512"),
-    ("o", 16, "prefill-8x512"),
-]
+TUNE_CASES = [("o", 8, "decode-distinct-256"), ("o", 16, "decode-distinct-256"), ("qkv", 8, "decode-distinct-256"),
+              ("o", 8, "decode-distinct-64"), ("o", "mixed", "decode-distinct-64"), ("qkv", "mixed", "decode-zipf-256"),
+              ("o", 64, "prefill-8x512"), ("qkv", "mixed", "prefill-8x512"), ("o", 16, "prefill-8x512"),
+              ("qkv", 16, "prefill-8x512")]
 
 
 def tune_configs(pool, pairs):
-    """Each kernel alone under candidate configurations: median us per pair, best first."""
+    """Each kernel alone under candidate configurations: median us per pair, best first.
+
+    Decode cases sweep the expand only (the shrink's choices were settled by the earlier sweep in
+    kernel_tune_h200.json); prefill cases sweep both."""
     prefill = pairs[0].meta.max_group_tokens >= 64
     r_pad = min(64, max(16, 1 << (pool.max_rank - 1).bit_length()))
-    r_full = max(16, 1 << (pool.max_rank - 1).bit_length())
-    shrink, expand, fused_cands = [], [], []
     if prefill:
-        shrink = [dict(BLOCK_T=bt, BLOCK_R=r_pad, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
-                  for bt, bk, w, st in ((64, 128, 4, 3), (64, 64, 4, 4), (16, 128, 4, 3), (64, 128, 8, 3))
-                  for sk in (1, 2, 4)]
-        expand = [dict(BLOCK_T=bt, BLOCK_N=bn, N_SUB=ns, BLOCK_R=r_pad, num_warps=w, num_stages=st)
-                  for bt, bn, ns, w, st in ((16, 128, 8, 4, 3), (64, 128, 4, 8, 3), (64, 64, 8, 4, 3),
-                                            (64, 128, 8, 8, 2), (64, 256, 2, 8, 2), (16, 256, 4, 4, 2))]
+        shrink = [dict(BLOCK_T=64, BLOCK_R=r_pad, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
+                  for bk, st, sk in ((128, 3, 1), (128, 3, 2), (128, 3, 4), (64, 4, 2), (64, 4, 4))]
+        expand = [dict(BLOCK_T=bt, BLOCK_N=bn, N_SUB=ns, BLOCK_R=r_pad, num_warps=w, num_stages=1)
+                  for bt, bn, ns, w in ((16, 128, 8, 4), (16, 128, 4, 4), (16, 256, 4, 4), (16, 64, 8, 2),
+                                        (64, 128, 4, 8), (64, 64, 8, 4), (16, 128, 16, 4))]
     else:
-        fused_cands = [dict(BLOCK_T=16, BLOCK_R=r_full, BLOCK_K=bk, BLOCK_N=256, N_SUB=span // 256, num_warps=w,
-                            num_stages=st)
-                       for span in (256, 512, 1024, 2048, 4096)
-                       for bk, w, st in ((256, 4, 3), (128, 4, 4), (512, 8, 2))
-                       if not (r_full >= 64 and bk > 256)]
+        shrink = []
+        expand = [dict(BLOCK_T=16, BLOCK_N=bn, N_SUB=ns, BLOCK_R=r_pad, num_warps=w, num_stages=1)
+                  for bn, ns, w in ((256, 1, 4), (128, 2, 4), (256, 2, 4), (128, 4, 4), (512, 1, 4), (256, 4, 8),
+                                    (64, 4, 2))]
     p = pairs[0]
     y_start = p.y.clone()  # timing runs keep adding to p.y; checks start from this copy
 
-    def output(fn):  # what one run leaves: v and y's change (v is the pair's only)
+    def output(fn):  # what one run leaves: v for shrink, y's change for expand
         y = y_start.clone()
-        p.v.zero_()
         fn(p, y)
         return p.v.clone(), y.float() - y_start.float()
 
-    expected = output(pair(pool))
-    results = [dict(kernel=kind, config="default", us=time_pairs(pair(pool, parts=(kind,)), pairs), ok=True)
-               for kind in ("shrink", "expand") if prefill]
-    if fused_cands:
-        results.append(dict(kernel="fused", config="default", us=time_pairs(fused(pool), pairs), ok=True))
-    for kind, cands in (("shrink", shrink), ("expand", expand), ("fused", fused_cands)):
+    expected = output(ours(pool))
+    results = [dict(kernel=kind, config="default", us=time_pairs(ours(pool, parts=(kind,)), pairs), ok=True)
+               for kind in (("shrink", "expand") if prefill else ("expand",))]
+    for kind, cands in (("shrink", shrink), ("expand", expand)):
         for cfg in cands:
-            if kind == "fused":
-                run, timed = fused(pool, cfg), fused(pool, cfg)
-            else:
-                kw = {"shrink_cfg": cfg} if kind == "shrink" else {"expand_cfg": cfg}
-                run, timed = pair(pool, **kw), pair(pool, parts=(kind,), **kw)
+            kw = {"shrink_cfg": cfg} if kind == "shrink" else {"expand_cfg": cfg}
             try:
-                got = output(run)
-                checked = got[1:] if kind == "fused" else got
-                ok = all(float((g - e).abs().max()) <= 3e-2 * float(e.abs().max())
-                         for g, e in zip(checked, expected[1:] if kind == "fused" else expected))
-                us = time_pairs(timed, pairs)
+                got = output(ours(pool, **kw))
+                ok = all(float((g - e).abs().max()) <= 3e-2 * float(e.abs().max()) for g, e in zip(got, expected))
+                us = time_pairs(ours(pool, parts=(kind,), **kw), pairs)
             except Exception as exc:  # a configuration the compiler refuses is a result too
                 ok, us = False, float("inf")
                 print(f"      {kind} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -370,7 +333,7 @@ def tune(args, device) -> int:
         pairs = pairs_for(pool, name, device)[0]
         results = tune_configs(pool, pairs)
         report.append(dict(proj=proj, rank=rank, scenario=name, results=results))
-        for kind in ("shrink", "expand", "fused"):
+        for kind in ("shrink", "expand"):
             rows = [r for r in results if r["kernel"] == kind]
             if not rows:
                 continue
@@ -420,9 +383,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
-    header = (f"{'proj':4} {'rank':>5} {'scenario':20} {'ours us':>8} {'pair us':>8} {'shr':>6} {'exp':>6} "
-              f"{'fused us':>8} {'GB/s':>6} {'%copy':>6} {'bmm us':>8} {'loop us':>8} ok"
-              + ("  nopdl us" if args.compare_no_pdl else ""))
+    header = (f"{'proj':4} {'rank':>5} {'scenario':20} {'ours us':>8} {'shr':>6} {'exp':>6} {'GB/s':>6} "
+              f"{'%copy':>6} {'bmm us':>8} {'loop us':>8} ok" + ("  nopdl us   shr   exp" if args.compare_no_pdl else ""))
     print(header, flush=True)
 
     def wanted(case: str) -> bool:
@@ -438,12 +400,14 @@ def main(argv=None) -> int:
                     continue
                 row = bench_case(proj, rank, name, device, copy_bw, pool, args.compare_no_pdl)
                 report["cases"].append(row)
-                extra = f"  {row['ours_nopdl_us']:8.1f}" if args.compare_no_pdl else ""
-                fused_us = f"{row['fused_us']:8.1f}" if "fused_us" in row else f"{'-':>8}"
-                print(f"{proj:4} {rank!s:>5} {name:20} {row['ours_us']:8.1f} {row['pair_us']:8.1f} "
-                      f"{row['pair_shrink_us']:6.1f} {row['pair_expand_us']:6.1f} {fused_us} {row['ours_GBps']:6.0f} "
-                      f"{100 * row['ours_frac_copy']:5.1f}% {row['gather_bmm_us']:8.1f} {row['loop_matmul_us']:8.1f} "
-                      f"{'yes' if row['agree'] else 'NO'}" + extra, flush=True)
+                extra = ""
+                if args.compare_no_pdl:
+                    extra = (f"  {row['ours_nopdl_us']:8.1f} {row['ours_nopdl_shrink_us']:5.1f} "
+                             f"{row['ours_nopdl_expand_us']:5.1f}")
+                print(f"{proj:4} {rank!s:>5} {name:20} {row['ours_us']:8.1f} {row['ours_shrink_us']:6.1f} "
+                      f"{row['ours_expand_us']:6.1f} {row['ours_GBps']:6.0f} {100 * row['ours_frac_copy']:5.1f}% "
+                      f"{row['gather_bmm_us']:8.1f} {row['loop_matmul_us']:8.1f} {'yes' if row['agree'] else 'NO'}"
+                      + extra, flush=True)
                 (out / "kernel_bench_h200.json").write_text(json.dumps(report, indent=1))
             del pool
             if device.type == "cuda":

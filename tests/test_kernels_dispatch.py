@@ -2,7 +2,6 @@
 
 import kernels
 import kernels.triton_expand  # noqa: F401  importing the Triton modules must not shadow the API
-import kernels.triton_fused  # noqa: F401
 import kernels.triton_shrink  # noqa: F401
 
 

@@ -1,5 +1,4 @@
-"""Triton LoRA shrink/expand, and the fused decode kernel, against the plain-PyTorch
-reference, on fresh random inputs.
+"""Triton LoRA shrink/expand against the plain-PyTorch reference, on fresh random inputs.
 
 On a machine without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1,
 set here before the kernels are defined when nobody set it); shapes stay small so the file
@@ -26,7 +25,6 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from kernels import lora_expand_reference, lora_shrink_reference  # noqa: E402
 from kernels.triton_expand import lora_expand  # noqa: E402
-from kernels.triton_fused import lora_shrink_expand  # noqa: E402
 from kernels.triton_shrink import lora_shrink  # noqa: E402
 from kernels.metadata import TILE_SIZES, LoRABatchMeta, max_tiles  # noqa: E402
 
@@ -136,39 +134,6 @@ def check(slots, h_in, widths, ranks, dtype, gen, *, shrink_cfg=None, expand_cfg
     return meta
 
 
-def check_fused(slots, h_in, widths, ranks, dtype, gen, *, config=None, rank_major=True, pass_ranks=True, meta=None):
-    """The fused kernel against reference shrink then expand; same poisoning as `check`."""
-    num_tokens = len(slots)
-    pad = float("nan") if pass_ranks else 0.0
-    a_ref, b_ref, a_ker, b_ker, scales, slot_ranks = make_pool(
-        ranks.shape[0], h_in, widths, ranks, dtype, gen, rank_major=rank_major, pad_value=pad)
-    meta = meta or LoRABatchMeta.build(slots, DEVICE)
-    dev_gen = device_generator(gen)
-    x = torch.randn(num_tokens, h_in, generator=dev_gen, device=DEVICE).to(dtype)
-    y0 = torch.randn(num_tokens, sum(widths), generator=dev_gen, device=DEVICE).to(dtype)
-    base_rows = torch.tensor([s < 0 for s in slots], device=DEVICE, dtype=torch.bool)
-    y0[base_rows] = float("nan")  # poison: slot -1 rows must be left exactly as they are
-    y = y0.clone()
-    lora_shrink_expand(y, x, a_ker, b_ker, scales, meta, config=config,
-                       **(dict(slot_ranks=slot_ranks) if pass_ranks else {}))
-    y_ref = lora_expand_reference(y0.clone(), lora_shrink_reference(x, a_ref, meta), b_ref, scales, meta)
-    assert torch.equal(bits(y[base_rows]), bits(y0[base_rows])), "a slot -1 row was written"
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(y[~base_rows], y_ref[~base_rows], rtol=rtol, atol=atol)
-    # every targeted slice of every LoRA row changed; untargeted slices are bit for bit as they were
-    offsets = [0]
-    for w in widths:
-        offsets.append(offsets[-1] + w)
-    for t, s in enumerate(slots):
-        for i in range(len(widths)):
-            cols = slice(offsets[i], offsets[i + 1])
-            if s >= 0 and int(ranks[s, i]) > 0:
-                assert bool((y[t, cols] != y0[t, cols]).any()), f"token {t} slice {i} never written"
-            elif s >= 0:
-                assert torch.equal(bits(y[t, cols]), bits(y0[t, cols])), f"token {t} untargeted slice {i} changed"
-    return meta
-
-
 # --- the sweep: popularity x rank, odd token counts, all three dtypes, every fused shape ------
 
 TOKEN_COUNTS = (1, 7, 33, 67, 133)
@@ -190,29 +155,6 @@ def test_sweep_default_config(popularity, rank, num_tokens, dtype, proj):
     slots = make_slots(popularity, num_tokens, num_slots, gen)
     check(slots, h_in, widths, rank_table(rank, num_slots, len(widths), gen), dtype, gen,
           rank_major=num_tokens % 2 == 1)
-
-
-@pytest.mark.parametrize("popularity,rank,num_tokens,dtype,proj", SWEEP[::2])
-def test_fused_sweep_default_config(popularity, rank, num_tokens, dtype, proj):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"fused{popularity}{rank}{num_tokens}".encode()))
-    h_in, widths = SMALL[proj]
-    num_tokens = min(num_tokens, 33 if popularity == "distinct" else 67)
-    num_slots = (num_tokens if popularity == "distinct" else 12) + 3
-    slots = make_slots(popularity, num_tokens, num_slots, gen)
-    check_fused(slots, h_in, widths, rank_table(rank, num_slots, len(widths), gen), dtype, gen,
-                rank_major=num_tokens % 2 == 1)
-
-
-@pytest.mark.parametrize("config", [
-    dict(BLOCK_T=16, BLOCK_R=64, BLOCK_K=32, BLOCK_N=32, N_SUB=3, num_warps=2, num_stages=2),  # spans cut q/k/v
-    dict(BLOCK_T=64, BLOCK_R=64, BLOCK_K=64, BLOCK_N=256, N_SUB=1, num_warps=4, num_stages=2),  # one span, big tiles
-])
-def test_fused_configs_and_uneven_widths(config):
-    gen = torch.Generator().manual_seed(config["BLOCK_N"])
-    slots = make_slots("zipf", 45, 10, gen) + [3] * 70  # a long run too: tiles of both heights
-    check_fused(slots, 200, (200, 72, 72), rank_table("mixed", 10, 3, gen), torch.bfloat16, gen, config=config)
-    check_fused(slots, 200, (200, 72, 72), rank_table(16, 10, 3, gen), torch.float32, gen, config=config,
-                pass_ranks=False, rank_major=False)
 
 
 @pytest.mark.parametrize("split_k", [2, 3, 8])

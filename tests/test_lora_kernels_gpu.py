@@ -18,10 +18,7 @@ from kernels.triton_expand import _lora_expand_kernel, lora_expand  # noqa: E402
 from kernels.lora_reference import lora_expand_reference, lora_shrink_reference  # noqa: E402
 from kernels.triton_shrink import lora_shrink  # noqa: E402
 from kernels.metadata import LoRABatchMeta  # noqa: E402
-from kernels.triton_fused import lora_shrink_expand  # noqa: E402
-from tests.test_lora_kernels import (  # noqa: E402
-    POPULARITIES, TOLERANCES, check, check_fused, make_pool, make_slots, rank_table,
-)
+from tests.test_lora_kernels import POPULARITIES, TOLERANCES, check, make_pool, make_slots, rank_table  # noqa: E402
 
 if type(_lora_expand_kernel).__name__ == "InterpretedFunction":
     pytest.skip("TRITON_INTERPRET=1 is set: the kernels were built for the CPU interpreter", allow_module_level=True)
@@ -46,23 +43,6 @@ def test_sweep_llama_sizes(popularity, rank, num_tokens, proj):
           rank_major=popularity != "uniform")
 
 
-@pytest.mark.parametrize("popularity,rank,num_tokens,proj", SWEEP)
-def test_fused_sweep_llama_sizes(popularity, rank, num_tokens, proj):
-    gen = torch.Generator().manual_seed(7000 * num_tokens + len(popularity))
-    h_in, widths = LLAMA3_8B[proj]
-    num_slots = (num_tokens if popularity == "distinct" else 32) + 3
-    slots = make_slots(popularity, num_tokens, num_slots, gen)
-    check_fused(slots, h_in, widths, rank_table(rank, num_slots, len(widths), gen), torch.bfloat16, gen,
-                rank_major=popularity != "uniform")
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_fused_other_dtypes_and_gate_up(dtype):
-    gen = torch.Generator().manual_seed(3)
-    slots = make_slots("zipf", 200, 40, gen)
-    check_fused(slots, 4096, (14336, 14336), rank_table("mixed", 40, 2, gen), dtype, gen)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("popularity,num_tokens", [("zipf", 256), ("identical", 1024)])
 def test_other_dtypes_and_prefill(dtype, popularity, num_tokens):
@@ -78,12 +58,11 @@ def test_gate_up_prefill_and_decode():
     check(slots, h_in, widths, rank_table("mixed", 40, 2, gen), torch.bfloat16, gen, rank_major=True)
 
 
-@pytest.mark.parametrize("kernel", ["pair", "fused"])
 @pytest.mark.parametrize("capture_with,replays", [
     ("distinct", ("zipf", "identical", "uniform", "base")),
     ("identical", ("distinct", "skewed")),
 ])
-def test_cuda_graph_replay_with_new_metadata(kernel, capture_with, replays):
+def test_cuda_graph_replay_with_new_metadata(capture_with, replays):
     """Capture shrink+expand once; refill the metadata in place; every replay is right."""
     gen = torch.Generator().manual_seed(17)
     num_tokens, num_slots = 256, 300
@@ -97,9 +76,6 @@ def test_cuda_graph_replay_with_new_metadata(kernel, capture_with, replays):
     v = torch.empty(3, num_tokens, a[0].shape[1], device="cuda")
 
     def step():
-        if kernel == "fused":  # the configuration follows the capture-time hints; any batch must fit it
-            lora_shrink_expand(y, x, a, b, scales, meta, slot_ranks=slot_ranks)
-            return
         lora_shrink(x, a, meta, v, slot_ranks=slot_ranks)
         lora_expand(y, v, b, scales, meta, slot_ranks=slot_ranks)
 
@@ -123,8 +99,7 @@ def test_cuda_graph_replay_with_new_metadata(kernel, capture_with, replays):
         torch.cuda.synchronize()
         v_ref = lora_shrink_reference(x, a_ref, meta)
         y_ref = lora_expand_reference(y0.clone(), v_ref, b_ref, scales, meta)
-        if kernel == "pair":
-            torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-4)
         rtol, atol = TOLERANCES[torch.bfloat16]
         torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
         base = torch.tensor([s < 0 for s in slots], device="cuda")
@@ -185,45 +160,3 @@ def test_chained_layers_under_programmatic_dependent_launch(num_tokens):
         torch.testing.assert_close(v2, v2_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(z, z_ref, rtol=rtol, atol=atol)
         assert int(meta.split_counters.abs().sum()) == 0
-
-
-@pytest.mark.parametrize("num_tokens", [1, 64, 256])
-def test_fused_chained_layers_under_programmatic_dependent_launch(num_tokens):
-    """A base matmul, then two fused LoRA layers, the second reading what the first wrote, in a
-    CUDA graph: under PDL each must still wait for x and y before reading them."""
-    gen = torch.Generator().manual_seed(29)
-    num_slots = 300
-    h_in, widths = LLAMA3_8B["o"]
-    ranks = rank_table("mixed", num_slots, 1, gen)
-    a_ref, b_ref, a, b, scales, slot_ranks = make_pool(num_slots, h_in, widths, ranks, torch.bfloat16, gen,
-                                                       rank_major=True, pad_value=float("nan"))
-    meta = LoRABatchMeta.build(make_slots("zipf", num_tokens, num_slots, gen), "cuda")
-    x = torch.randn(num_tokens, h_in, device="cuda").to(torch.bfloat16)
-    w = (torch.randn(h_in, h_in, device="cuda") / h_in**0.5).to(torch.bfloat16)
-    z0 = torch.randn(num_tokens, h_in, device="cuda").to(torch.bfloat16)
-    h, z = torch.empty_like(z0), torch.empty_like(z0)
-
-    def step():
-        torch.matmul(x, w, out=h)
-        lora_shrink_expand(h, x, a, b, scales, meta, slot_ranks=slot_ranks)
-        z.copy_(z0)
-        lora_shrink_expand(z, h, a, b, scales, meta, slot_ranks=slot_ranks)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    rtol, atol = TOLERANCES[torch.bfloat16]
-    for _ in range(2):
-        h.fill_(float("nan"))
-        z.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        h_ref = lora_expand_reference(torch.matmul(x, w), lora_shrink_reference(x, a_ref, meta), b_ref, scales, meta)
-        z_ref = lora_expand_reference(z0.clone(), lora_shrink_reference(h, a_ref, meta), b_ref, scales, meta)
-        torch.testing.assert_close(h, h_ref, rtol=rtol, atol=atol)
-        torch.testing.assert_close(z, z_ref, rtol=rtol, atol=atol)
