@@ -175,15 +175,21 @@ def _lora_expand_kernel(
 def expand_config(num_tokens: int, max_rank: int, meta: LoRABatchMeta) -> dict:
     """Launch configuration from static shapes and the metadata's host-side hints.
 
-    Tuned on the H200 (loadtest/results/kernel_tune_h200.json): 16-token tiles throughout;
-    a program walks 8 column blocks of 128 for prefill-like batches, which stream y, and
-    one block of 256 for decode, where more programs in flight beat a longer walk. One rank chunk covers ranks up to 64, so all of a block's B rows are
-    loaded at once; rows past a slot's rank are masked and cost no memory traffic.
+    Tuned on the H200 (loadtest/results/kernel_tune_h200.json, then kernel_tune_prefetch_h200.json
+    once a program prefetched its next column block): decode-like batches take 16-token tiles and
+    walk 4 column blocks of 128 (5-14% faster than one block of 256 at T = 64 and 256); prefill-like
+    ones walk 8 blocks, of 128 with 16-token tiles while the rank is at most 32, and of 64 with
+    64-token tiles above, where re-reading B for every 16 tokens cost more than the smaller grid
+    (rank 64: 35.7 -> 32.3 us on o, 50.0 -> 45.6 us on mixed q/k/v; rank 16: 21.0 -> 29.4 us, so
+    not there). One rank chunk covers ranks up to 64, so all of a block's B rows are loaded at
+    once; rows past a slot's rank are masked and cost no memory traffic.
     """
     r_chunk = min(64, max(16, triton.next_power_of_2(max_rank)))
     if meta.max_group_tokens >= 64:
-        return dict(BLOCK_T=16, BLOCK_N=128, N_SUB=8, BLOCK_R=r_chunk, num_warps=4, num_stages=3)
-    return dict(BLOCK_T=16, BLOCK_N=256, N_SUB=1, BLOCK_R=r_chunk, num_warps=4, num_stages=1)
+        if r_chunk >= 64:
+            return dict(BLOCK_T=64, BLOCK_N=64, N_SUB=8, BLOCK_R=r_chunk, num_warps=4, num_stages=1)
+        return dict(BLOCK_T=16, BLOCK_N=128, N_SUB=8, BLOCK_R=r_chunk, num_warps=4, num_stages=1)
+    return dict(BLOCK_T=16, BLOCK_N=128, N_SUB=4, BLOCK_R=r_chunk, num_warps=4, num_stages=1)
 
 
 def lora_expand(
