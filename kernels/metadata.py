@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TILE_SIZES = (16, 64)  # token-tile heights the kernels may choose between
+TILE_SIZES = (1, 16, 64)  # token-tile heights the kernels may choose between (1: one token, GEMV)
 MAX_SLICES = 3  # fused q/k/v is the widest projection
 MAX_RANK_CHUNKS = 8  # 8 chunks of 16: ranks up to 128
 

@@ -70,6 +70,7 @@ except ImportError:  # an older triton: `use_pdl` is then False and the calls ar
     gdc_launch_dependents = gdc_wait = None
 
 PDL_ENABLED = True  # the switch for `use_pdl`; loadtest/bench_lora_kernels.py --no-pdl clears it
+GEMV_DECODE = True  # decode-like batches take one-token tiles (see shrink_config); the bench can clear it
 PDL_MAX_TOKENS = 64  # larger batches launch plainly (see the module docstring)
 
 _COUNTER_SLICES = tl.constexpr(MAX_SLICES)  # counters are laid out (tile, slice, rank chunk)
@@ -143,7 +144,9 @@ def _shrink_tile(
                 k_ok = (k0 + tl.arange(0, BLOCK_K) < k_hi)[None, :]
                 x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok, other=0.0)
                 a_tile = tl.load(a_ptrs, mask=r_ok[:, None] & k_ok, other=0.0)
-            if DOT_FP32:
+            if BLOCK_T == 1:  # one token: multiply and reduce on the CUDA cores, no 16-row padding
+                acc += tl.sum(a_tile.to(tl.float32) * x_tile.to(tl.float32), axis=1)[None, :]
+            elif DOT_FP32:
                 acc = tl.dot(x_tile.to(tl.float32), tl.trans(a_tile.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x_tile.to(a_tile.dtype), tl.trans(a_tile), acc)
@@ -235,13 +238,25 @@ def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta
     Prefill-like batches (some adapter has >= 64 tokens) take 64-token tiles and one program for
     all of a tile's ranks, so x is read once, and split K only to fill the multiprocessors once;
     at ranks up to 16, K blocks of 64 with 4 stages and about two programs per multiprocessor
-    (o 16.2 -> 14.2 us, q/k/v 20.8 -> 18.4 us at rank 16). Decode-like ones
-    take 16-token tiles, rank chunks of 16 (a rank-8 adapter costs one chunk, a rank-64 one
-    four) and split K until (tile, slice) pairs number ~3 per multiprocessor, and into at
-    least two parts when ranks above 16 make some programs four chunks long.
+    (o 16.2 -> 14.2 us, q/k/v 20.8 -> 18.4 us at rank 16). Decode-like ones take one-token
+    tiles (GEMV on the CUDA cores: a 16-row tl.dot tile holding one token masked 15 of its 16
+    rows, and the profiler showed 12% achieved occupancy with DRAM at a quarter of its
+    bandwidth), rank chunks of 16 (8 for ranks up to 8; a rank-64 adapter costs four chunks),
+    K in spans of at most 1024 (the loop is not pipelined) and split further until programs
+    number ~3 per multiprocessor. With GEMV_DECODE cleared they take 16-token tl.dot tiles,
+    split K until (tile, slice) pairs number ~3 per multiprocessor, and into at least two
+    parts when ranks above 16 make some programs four chunks long.
     """
     r_pad = max(16, triton.next_power_of_2(max_rank))
     prefill = meta.max_group_tokens >= 64
+    if not prefill and GEMV_DECODE:  # one token per program: K loops are not pipelined, keep them short
+        cfg = dict(BLOCK_T=1, BLOCK_R=8 if max_rank <= 8 else 16, BLOCK_K=512, num_warps=4, num_stages=1)
+        tiles = max(1, meta.num_tiles_hint.get(1, num_tokens))
+        split = min(8, max(1, triton.cdiv(h_in, 2 * cfg["BLOCK_K"])))
+        while tiles * n_slices * split < 3 * num_sms(device) and split < 8 and h_in >= 2 * split * cfg["BLOCK_K"]:
+            split *= 2
+        cfg["SPLIT_K"] = split
+        return cfg
     if prefill and r_pad <= 16:
         cfg = dict(BLOCK_T=64, BLOCK_R=16, BLOCK_K=64, num_warps=4, num_stages=4)
         wanted = 1.9 * num_sms(device)
@@ -294,6 +309,9 @@ def lora_shrink(
     cfg = dict(config or shrink_config(num_tokens, n_slices, max_rank, h_in, meta, x.device))
     block_t, split = cfg.pop("BLOCK_T"), cfg.pop("SPLIT_K")
     num_rchunks = triton.cdiv(max_rank, cfg["BLOCK_R"])
+    if num_rchunks > MAX_RANK_CHUNKS or (block_t > 1 and cfg["BLOCK_R"] < 16):
+        raise ValueError(f"BLOCK_R {cfg['BLOCK_R']} with max_rank {max_rank}: at most {MAX_RANK_CHUNKS} "
+                         "rank chunks, and tl.dot tiles (BLOCK_T > 1) need BLOCK_R >= 16")
     ws = out
     if split > 1:
         ws = torch.empty(split, n_slices, num_tokens, max_rank, dtype=torch.float32, device=x.device)

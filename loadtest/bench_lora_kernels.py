@@ -253,7 +253,21 @@ def without_pdl(fn):
     return run
 
 
-def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False):
+def with_flag(fn, name: str, value: bool):
+    """fn with kernels/triton_shrink.py's switch `name` set to `value` while it runs (and is captured)."""
+    import kernels.triton_shrink as shrink_module
+
+    def run(p: Pair, y: torch.Tensor):
+        saved = getattr(shrink_module, name)
+        setattr(shrink_module, name, value)
+        try:
+            fn(p, y)
+        finally:
+            setattr(shrink_module, name, saved)
+    return run
+
+
+def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False, compare_tiles16=False):
     pairs, probe, nbytes = pairs_for(pool, name, device)
     methods = {"ours": ours(pool), "gather_bmm": gather_bmm(pool), "loop_matmul": loop_matmuls(pool)}
     row = dict(proj=proj, rank=rank, scenario=name, tokens=len(probe), adapters=len(set(probe)), pairs=len(pairs),
@@ -267,23 +281,21 @@ def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False):
     row["ours_shrink_us"] = time_pairs(ours(pool, parts=("shrink",)), pairs)
     row["ours_expand_us"] = time_pairs(ours(pool, parts=("expand",)), pairs)
     row["ours_GBps"] = nbytes / (row["ours_us"] * 1e-6) / 1e9
+    if compare_tiles16 and not name.startswith("prefill"):  # decode with 16-token tl.dot tiles instead
+        row["ours_tiles16_us"] = time_pairs(with_flag(ours(pool), "GEMV_DECODE", False), pairs)
     if compare_no_pdl:
         for key, parts in (("", ("shrink", "expand")), ("_shrink", ("shrink",)), ("_expand", ("expand",))):
             row[f"ours_nopdl{key}_us"] = time_pairs(without_pdl(ours(pool, parts=parts)), pairs)
     return row
 
 
-TUNE_CASES = [("o", 8, "decode-distinct-256"), ("o", 16, "decode-distinct-256"), ("qkv", 8, "decode-distinct-256"),
-              ("o", 8, "decode-distinct-64"), ("o", "mixed", "decode-distinct-64"), ("qkv", "mixed", "decode-zipf-256"),
-              ("o", 64, "prefill-8x512"), ("qkv", "mixed", "prefill-8x512"), ("o", 16, "prefill-8x512"),
-              ("qkv", 16, "prefill-8x512")]
+TUNE_CASES = [("o", 8, "decode-distinct-256"), ("o", 16, "decode-distinct-64"), ("qkv", 16, "decode-distinct-256"),
+              ("o", "mixed", "decode-distinct-64")]
 
 
 def tune_configs(pool, pairs):
     """Each kernel alone under candidate configurations: median us per pair, best first.
-
-    Decode cases sweep the expand only (the shrink's choices were settled by the earlier sweep in
-    kernel_tune_h200.json); prefill cases sweep both."""
+    Decode cases sweep the one-token (GEMV) tiles the defaults now take there."""
     prefill = pairs[0].meta.max_group_tokens >= 64
     r_pad = min(64, max(16, 1 << (pool.max_rank - 1).bit_length()))
     if prefill:
@@ -292,11 +304,14 @@ def tune_configs(pool, pairs):
         expand = [dict(BLOCK_T=bt, BLOCK_N=bn, N_SUB=ns, BLOCK_R=r_pad, num_warps=w, num_stages=1)
                   for bt, bn, ns, w in ((16, 128, 8, 4), (16, 128, 4, 4), (16, 256, 4, 4), (16, 64, 8, 2),
                                         (64, 128, 4, 8), (64, 64, 8, 4), (16, 128, 16, 4))]
-    else:
-        shrink = []
-        expand = [dict(BLOCK_T=16, BLOCK_N=bn, N_SUB=ns, BLOCK_R=r_pad, num_warps=w, num_stages=1)
-                  for bn, ns, w in ((256, 1, 4), (128, 2, 4), (256, 2, 4), (128, 4, 4), (512, 1, 4), (256, 4, 8),
-                                    (64, 4, 2))]
+    else:  # one-token (GEMV) tiles
+        r_gemv = 8 if pool.max_rank <= 8 else 16
+        shrink = [dict(BLOCK_T=1, BLOCK_R=r_gemv, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=1)
+                  for bk, w in ((256, 4), (512, 4), (1024, 4), (512, 8)) for sk in (1, 2, 4, 8)]
+        r_full = max(8, 1 << (pool.max_rank - 1).bit_length())
+        expand = [dict(BLOCK_T=1, BLOCK_N=bn, N_SUB=ns, BLOCK_R=r_full, num_warps=w, num_stages=1)
+                  for bn, ns, w in ((128, 1, 4), (256, 1, 4), (512, 1, 4), (256, 2, 4), (128, 2, 2), (256, 1, 2),
+                                    (512, 1, 8))]
     p = pairs[0]
     y_start = p.y.clone()  # timing runs keep adding to p.y; checks start from this copy
 
@@ -307,7 +322,7 @@ def tune_configs(pool, pairs):
 
     expected = output(ours(pool))
     results = [dict(kernel=kind, config="default", us=time_pairs(ours(pool, parts=(kind,)), pairs), ok=True)
-               for kind in (("shrink", "expand") if prefill else ("expand",))]
+               for kind in ("shrink", "expand")]
     for kind, cands in (("shrink", shrink), ("expand", expand)):
         for cfg in cands:
             kw = {"shrink_cfg": cfg} if kind == "shrink" else {"expand_cfg": cfg}
@@ -360,6 +375,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
     parser.add_argument("--no-pdl", action="store_true", help="launch the kernels without programmatic dependent launch")
     parser.add_argument("--compare-no-pdl", action="store_true", help="also time our pair without it")
+    parser.add_argument("--compare-tiles16", action="store_true",
+                        help="also time decode cases with 16-token tl.dot tiles instead of one-token GEMV tiles")
     args = parser.parse_args(argv)
     if args.no_pdl:
         import kernels.triton_shrink as shrink_module
@@ -398,11 +415,13 @@ def main(argv=None) -> int:
             for name in SCENARIOS:
                 if not wanted(f"{proj}/{rank}/{name}"):
                     continue
-                row = bench_case(proj, rank, name, device, copy_bw, pool, args.compare_no_pdl)
+                row = bench_case(proj, rank, name, device, copy_bw, pool, args.compare_no_pdl, args.compare_tiles16)
                 report["cases"].append(row)
                 extra = ""
+                if "ours_tiles16_us" in row:
+                    extra += f"  tiles16 {row['ours_tiles16_us']:6.1f}"
                 if args.compare_no_pdl:
-                    extra = (f"  {row['ours_nopdl_us']:8.1f} {row['ours_nopdl_shrink_us']:5.1f} "
+                    extra += (f"  {row['ours_nopdl_us']:8.1f} {row['ours_nopdl_shrink_us']:5.1f} "
                              f"{row['ours_nopdl_expand_us']:5.1f}")
                 print(f"{proj:4} {rank!s:>5} {name:20} {row['ours_us']:8.1f} {row['ours_shrink_us']:6.1f} "
                       f"{row['ours_expand_us']:6.1f} {row['ours_GBps']:6.0f} {100 * row['ours_frac_copy']:5.1f}% "
