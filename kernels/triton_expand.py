@@ -46,7 +46,6 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.triton_shrink as _shrink_module
 from kernels.triton_shrink import PDL_MAX_TOKENS, _check_meta, dot_in_fp32, gdc_launch_dependents, gdc_wait, pdl_args
 from kernels.metadata import MAX_RANK_CHUNKS, MAX_SLICES, LoRABatchMeta, max_tiles
 
@@ -75,9 +74,7 @@ def _expand_tile(
         gdc_launch_dependents()
     if SINGLE_R:
         v_tile = tl.load(v_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # fp32
-        if BLOCK_T == 1:  # one token: v stays fp32, its (BLOCK_R, 1) column scales B's rows
-            v_col = tl.trans(v_tile)
-        elif not DOT_FP32:
+        if not DOT_FP32:
             v_tile = v_tile.to(b_ptr.dtype.element_ty)
     # N_SUB column blocks, unrolled: the tile's metadata is paid for once, and each block's y
     # (and B) loads are issued before the block before it is added and stored, by hand, since
@@ -99,9 +96,7 @@ def _expand_tile(
             if SINGLE_R:
                 b_next = tl.load(b_ptrs + BLOCK_N * stride_bn, mask=r_ok[:, None] & n_ok_next, other=0.0)
         if SINGLE_R:
-            if BLOCK_T == 1:  # multiply and reduce on the CUDA cores, no 16-row padding
-                acc = tl.sum(v_col * b_tile.to(tl.float32), axis=0)[None, :]
-            elif DOT_FP32:
+            if DOT_FP32:
                 acc = tl.dot(v_tile, b_tile.to(tl.float32), input_precision="ieee")
             else:
                 acc = tl.dot(v_tile, b_tile)
@@ -181,12 +176,10 @@ def expand_config(num_tokens: int, max_rank: int, meta: LoRABatchMeta) -> dict:
     """Launch configuration from static shapes and the metadata's host-side hints.
 
     Tuned on the H200 (loadtest/results/kernel_tune_h200.json, then kernel_tune_prefetch_h200.json
-    once a program prefetched its next column block): decode-like batches (no adapter with 64
-    tokens) at ranks up to 64 take one-token tiles, multiplied on the CUDA cores (a 16-row
-    tl.dot tile holding one token left 15 rows of every load and register masked; the profiler
-    showed the load pipe busy and DRAM at a fifth of its bandwidth), one block of 256 columns
-    (128 above rank 16) per program, two blocks above PDL_MAX_TOKENS tokens (with tl.dot tiles:
-    one block of 256 up to PDL_MAX_TOKENS tokens, four of 128 above); prefill-like
+    once a program prefetched its next column block): decode-like batches take 16-token tiles, one
+    block of 256 columns per program up to PDL_MAX_TOKENS tokens (B's first block then loads before
+    the PDL wait) and 4 blocks of 128 above (5-9% faster at T = 256; one-token GEMV tiles, as the
+    shrink takes, measured no better here: kernel_tune_gemv_h200.json); prefill-like
     ones walk 8 blocks, of 128 with 16-token tiles while the rank is at most 32, and of 64 with
     64-token tiles above, where re-reading B for every 16 tokens cost more than the smaller grid
     (rank 64: 35.7 -> 32.3 us on o, 50.0 -> 45.6 us on mixed q/k/v; rank 16: 21.0 -> 29.4 us, so
@@ -194,11 +187,6 @@ def expand_config(num_tokens: int, max_rank: int, meta: LoRABatchMeta) -> dict:
     once; rows past a slot's rank are masked and cost no memory traffic.
     """
     r_chunk = min(64, max(16, triton.next_power_of_2(max_rank)))
-    if meta.max_group_tokens < 64 and _shrink_module.GEMV_DECODE and max_rank <= 64:
-        block_n = 256 if max_rank <= 16 else 128
-        n_sub = 1 if num_tokens <= PDL_MAX_TOKENS else 2
-        return dict(BLOCK_T=1, BLOCK_N=block_n, N_SUB=n_sub, BLOCK_R=max(8, triton.next_power_of_2(max_rank)),
-                    num_warps=4, num_stages=1)
     if meta.max_group_tokens >= 64:
         if r_chunk >= 64:
             return dict(BLOCK_T=64, BLOCK_N=64, N_SUB=8, BLOCK_R=r_chunk, num_warps=4, num_stages=1)
@@ -245,9 +233,6 @@ def lora_expand(
 
     cfg = dict(config or expand_config(num_tokens, max_rank, meta))
     block_t = cfg.pop("BLOCK_T")
-    if (block_t == 1 and cfg["BLOCK_R"] < max_rank) or (block_t > 1 and cfg["BLOCK_R"] < 16):
-        raise ValueError(f"BLOCK_T {block_t} with BLOCK_R {cfg['BLOCK_R']}: one-token tiles take the whole "
-                         f"rank ({max_rank}) in one chunk, tl.dot tiles need BLOCK_R >= 16")
     widths += [0] * (MAX_SLICES - n_slices)
     b = list(lora_b) + [lora_b[0]] * (MAX_SLICES - n_slices)
     b_strides = [s for t in b for s in t.stride()]

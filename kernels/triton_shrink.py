@@ -250,9 +250,9 @@ def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta
     r_pad = max(16, triton.next_power_of_2(max_rank))
     prefill = meta.max_group_tokens >= 64
     if not prefill and GEMV_DECODE:  # one token per program: K loops are not pipelined, keep them short
-        cfg = dict(BLOCK_T=1, BLOCK_R=8 if max_rank <= 8 else 16, BLOCK_K=512, num_warps=4, num_stages=1)
+        cfg = dict(BLOCK_T=1, BLOCK_R=8 if max_rank <= 8 else 16, BLOCK_K=256, num_warps=4, num_stages=1)
         tiles = max(1, meta.num_tiles_hint.get(1, num_tokens))
-        split = min(8, max(1, triton.cdiv(h_in, 2 * cfg["BLOCK_K"])))
+        split = min(8, max(1, triton.cdiv(h_in, 1024)))
         while tiles * n_slices * split < 3 * num_sms(device) and split < 8 and h_in >= 2 * split * cfg["BLOCK_K"]:
             split *= 2
         cfg["SPLIT_K"] = split

@@ -159,7 +159,7 @@ def test_sweep_default_config(popularity, rank, num_tokens, dtype, proj):
 
 @pytest.mark.parametrize("popularity,rank,num_tokens,dtype,proj", SWEEP[1::3])
 def test_sweep_sixteen_token_tiles_for_decode(popularity, rank, num_tokens, dtype, proj):
-    """The tl.dot tiles decode batches take without GEMV_DECODE or above rank 64."""
+    """The tl.dot tiles the shrink takes for decode batches without GEMV_DECODE."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"t16{popularity}{rank}{num_tokens}".encode()))
     h_in, widths = SMALL[proj]
     num_tokens = min(num_tokens, 33)
@@ -169,14 +169,14 @@ def test_sweep_sixteen_token_tiles_for_decode(popularity, rank, num_tokens, dtyp
     r_pad = max(16, 1 << (int(ranks.max()) - 1).bit_length())
     check(slots, h_in, widths, ranks, dtype, gen, shrink_cfg=dict(DECODE_16, SPLIT_K=2),
           expand_cfg=dict(BLOCK_T=16, BLOCK_N=64, N_SUB=2, BLOCK_R=r_pad, num_warps=4, num_stages=1))
+    # and the expand's one-block decode configuration (256 columns, B loaded before any PDL wait)
+    check(slots, h_in, widths, ranks, dtype, gen,
+          expand_cfg=dict(BLOCK_T=16, BLOCK_N=256, N_SUB=1, BLOCK_R=r_pad, num_warps=4, num_stages=1))
 
 
-def test_one_token_tiles_reject_split_ranks_and_dot_tiles_need_16_rows():
+def test_dot_tiles_need_sixteen_rank_rows():
     gen = torch.Generator().manual_seed(13)
     slots = make_slots("distinct", 5, 8, gen)
-    with pytest.raises(ValueError, match="one-token tiles"):
-        check(slots, 64, (64,), rank_table(64, 8, 1, gen), torch.float16, gen,
-              expand_cfg=dict(BLOCK_T=1, BLOCK_N=64, N_SUB=1, BLOCK_R=16, num_warps=4, num_stages=1))
     with pytest.raises(ValueError, match="BLOCK_R >= 16"):
         check(slots, 64, (64,), rank_table(8, 8, 1, gen), torch.float16, gen,
               shrink_cfg=dict(DECODE_16, BLOCK_R=8, SPLIT_K=1))
