@@ -238,18 +238,24 @@ def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta
     Prefill-like batches (some adapter has >= 64 tokens) take 64-token tiles and one program for
     all of a tile's ranks, so x is read once, and split K only to fill the multiprocessors once;
     at ranks up to 16, K blocks of 64 with 4 stages and about two programs per multiprocessor
-    (o 16.2 -> 14.2 us, q/k/v 20.8 -> 18.4 us at rank 16). Decode-like ones take one-token
-    tiles (GEMV on the CUDA cores: a 16-row tl.dot tile holding one token masked 15 of its 16
-    rows, and the profiler showed 12% achieved occupancy with DRAM at a quarter of its
-    bandwidth), rank chunks of 16 (8 for ranks up to 8; a rank-64 adapter costs four chunks),
-    K in spans of at most 1024 (the loop is not pipelined) and split further until programs
-    number ~3 per multiprocessor. With GEMV_DECODE cleared they take 16-token tl.dot tiles,
-    split K until (tile, slice) pairs number ~3 per multiprocessor, and into at least two
-    parts when ranks above 16 make some programs four chunks long.
+    (o 16.2 -> 14.2 us, q/k/v 20.8 -> 18.4 us at rank 16). Decode-like batches whose tokens
+    mostly have adapters of their own (16-token tiles would save under a quarter of the weight
+    reads) take one-token tiles: GEMV on the CUDA cores, since a 16-row tl.dot tile holding one
+    token masks 15 of its 16 rows (the profiler showed 12% achieved occupancy and DRAM at a
+    quarter of its bandwidth); rank chunks of 16 (8 for ranks up to 8; a rank-64 adapter costs
+    four), K in spans of at most 1024 (the loop is not pipelined), split further until programs
+    number ~3 per multiprocessor. Measured against 16-token tiles in one run
+    (kernel_bench_h200.json, `ours_tiles16_us`): o rank 8 T=1 4.7 -> 3.5 us, T=64 10.7 -> 9.5,
+    T=256 25.4 -> 23.6; but Zipf-shared batches got up to 1.6x slower, hence the condition.
+    Other decode-like batches (and all with GEMV_DECODE cleared) take 16-token tl.dot tiles,
+    split K until (tile, slice) pairs number ~3 per multiprocessor, and into at least two parts
+    when ranks above 16 make some programs four chunks long.
     """
     r_pad = max(16, triton.next_power_of_2(max_rank))
     prefill = meta.max_group_tokens >= 64
-    if not prefill and GEMV_DECODE:  # one token per program: K loops are not pipelined, keep them short
+    # one token per program reads an adapter once per token: only where tokens rarely share one
+    mostly_distinct = 4 * meta.num_tiles_hint.get(16, num_tokens) >= 3 * num_tokens
+    if not prefill and GEMV_DECODE and mostly_distinct:  # K loops are not pipelined: keep them short
         cfg = dict(BLOCK_T=1, BLOCK_R=8 if max_rank <= 8 else 16, BLOCK_K=256, num_warps=4, num_stages=1)
         tiles = max(1, meta.num_tiles_hint.get(1, num_tokens))
         split = min(8, max(1, triton.cdiv(h_in, 1024)))
