@@ -25,7 +25,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from kernels import lora_expand_reference, lora_shrink_reference  # noqa: E402
 from kernels.triton_expand import lora_expand  # noqa: E402
-from kernels.triton_shrink import lora_shrink  # noqa: E402
+from kernels.triton_shrink import lora_shrink, shrink_config  # noqa: E402
 from kernels.metadata import TILE_SIZES, LoRABatchMeta, max_tiles  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -172,6 +172,22 @@ def test_sweep_sixteen_token_tiles_for_decode(popularity, rank, num_tokens, dtyp
     # and the expand's one-block decode configuration (256 columns, B loaded before any PDL wait)
     check(slots, h_in, widths, ranks, dtype, gen,
           expand_cfg=dict(BLOCK_T=16, BLOCK_N=256, N_SUB=1, BLOCK_R=r_pad, num_warps=4, num_stages=1))
+
+
+def test_decode_shrink_takes_one_token_tiles_only_when_adapters_are_mostly_distinct(monkeypatch):
+    """The launch rule (kernels/triton_shrink.py shrink_config), from the metadata's hints alone."""
+    import kernels.triton_shrink as shrink_module
+
+    cpu = torch.device("cpu")
+    distinct = LoRABatchMeta.build(list(range(60)) + [-1] * 4, "cpu")
+    shared = LoRABatchMeta.build([t % 8 for t in range(64)], "cpu")
+    prefill = LoRABatchMeta.build([1] * 100 + [2] * 28, "cpu")
+    assert shrink_config(64, 1, 16, 4096, distinct, cpu)["BLOCK_T"] == 1
+    assert shrink_config(64, 3, 8, 4096, distinct, cpu)["BLOCK_R"] == 8  # ranks up to 8: chunks of 8
+    assert shrink_config(64, 1, 16, 4096, shared, cpu)["BLOCK_T"] == 16
+    assert shrink_config(128, 1, 16, 4096, prefill, cpu)["BLOCK_T"] == 64
+    monkeypatch.setattr(shrink_module, "GEMV_DECODE", False)
+    assert shrink_config(64, 1, 16, 4096, distinct, cpu)["BLOCK_T"] == 16
 
 
 def test_dot_tiles_need_sixteen_rank_rows():
