@@ -13,7 +13,9 @@ owns one (tile, slice, rank chunk, K split) and computes `x_tile @ A_chunk^T` wi
 (fp32 accumulation, tensor cores in bf16/fp16). The adapter's A rows are therefore read once
 per tile, not once per token: SGMV for prefill (BLOCK_T = 64), and for decode (BLOCK_T = 16)
 a bandwidth-bound gather-matvec where the few tokens sharing an adapter still share one read.
-Decode batches have few tiles, so the reduction over h_in is split across SPLIT_K programs;
+Decode batches whose tokens mostly have adapters of their own take one-token tiles (BLOCK_T =
+1) instead: the product is a multiply-reduce on the CUDA cores, since a 16-row tl.dot tile
+holding one token would mask 15 of its 16 rows (see `shrink_config`). Decode batches have few tiles, so the reduction over h_in is split across SPLIT_K programs;
 their fp32 partials meet in a workspace and the last program to arrive (an atomic counter in
 the metadata, reset by that program) sums them: no memset, no second launch. (So launches
 that share one metadata object must be ordered on one stream, as a model's layers are.)
@@ -23,7 +25,8 @@ adapter's rank zero (memory stays padded to max_rank for now). `slot_ranks` (num
 n_slices) int32, optional, gives each slot's true rank per slice (0: the slice is not
 targeted). The rows a program loads are masked to `r < rank`, and a row of A is contiguous,
 so a rank-8 adapter beside a rank-64 one reads rank-8 bytes of A at any max_rank. Decode
-configurations also cut the rank into chunks of 16, one program each; a program whose chunk
+configurations also cut the rank into chunks of 16 (8 on one-token tiles up to rank 8), one
+program each; a program whose chunk
 lies past its slot's rank writes zeros and stops, so the work is rank-proportional too (one
 chunk for rank 8, four for 64). Prefill configurations take all ranks in one masked chunk so
 x is read once; there the tensor-core work is padded, which costs nothing measurable since
