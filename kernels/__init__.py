@@ -7,9 +7,9 @@ are the plain-PyTorch references of `lora_reference.py`, the test oracle, behind
 signatures. (A one-launch fused decode kernel, v kept in registers, was built and measured
 slower than the pair at every decode shape on the H200: each program then walks the whole of
 h_in alone; loadtest/results/README.md has the figures.) `slot_ranks` ((num_slots, n_slices)
-int32 on the device, optional) lets the Triton kernels read and compute only each slot's true rank; the
-references ignore it, being exact through the pool's zero padding. The Triton modules are
-imported on first use, so importing `kernels` stays cheap and never decides for the CPU
+int32 on the device, optional) lets the Triton kernels read and compute only each slot's true
+rank; the references ignore it, being exact through the pool's zero padding. The Triton modules
+are imported on first use, so importing `kernels` stays cheap and never decides for the CPU
 interpreter (TRITON_INTERPRET=1) before a test can.
 """
 

@@ -258,26 +258,21 @@ def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta
     prefill = meta.max_group_tokens >= 64
     # one token per program reads an adapter once per token: only where tokens rarely share one
     mostly_distinct = 4 * meta.num_tiles_hint.get(16, num_tokens) >= 3 * num_tokens
-    if not prefill and GEMV_DECODE and mostly_distinct:  # K loops are not pipelined: keep them short
+    if not prefill and GEMV_DECODE and mostly_distinct:
         cfg = dict(BLOCK_T=1, BLOCK_R=8 if max_rank <= 8 else 16, BLOCK_K=256, num_warps=4, num_stages=1)
-        tiles = max(1, meta.num_tiles_hint.get(1, num_tokens))
-        split = min(8, max(1, triton.cdiv(h_in, 1024)))
-        while tiles * n_slices * split < 3 * num_sms(device) and split < 8 and h_in >= 2 * split * cfg["BLOCK_K"]:
-            split *= 2
-        cfg["SPLIT_K"] = split
-        return cfg
-    if prefill and r_pad <= 16:
+        wanted = 3 * num_sms(device)
+        split = min(8, max(1, triton.cdiv(h_in, 1024)))  # K loops are not pipelined: at most 1024 each
+    elif prefill and r_pad <= 16:
         cfg = dict(BLOCK_T=64, BLOCK_R=16, BLOCK_K=64, num_warps=4, num_stages=4)
-        wanted = 1.9 * num_sms(device)
+        wanted, split = 1.9 * num_sms(device), 1
     elif prefill:
         cfg = dict(BLOCK_T=64, BLOCK_R=min(r_pad, 64), BLOCK_K=128, num_warps=4, num_stages=3)
-        wanted = 0.9 * num_sms(device)
+        wanted, split = 0.9 * num_sms(device), 1
     else:
         cfg = dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=128, num_warps=2, num_stages=4)
-        wanted = 3 * num_sms(device)
+        wanted, split = 3 * num_sms(device), 2 if max_rank > 16 else 1
     tiles = max(1, meta.num_tiles_hint.get(cfg["BLOCK_T"], num_tokens))
     programs = tiles * n_slices
-    split = 2 if not prefill and max_rank > 16 else 1
     while programs * split < wanted and split < 8 and h_in >= 2 * split * cfg["BLOCK_K"]:
         split *= 2
     cfg["SPLIT_K"] = split

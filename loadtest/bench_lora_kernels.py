@@ -240,19 +240,6 @@ def pairs_for(pool, name, device) -> tuple[list[Pair], list[int], int]:
     return make_pairs(pool, name, num_pairs if device.type == "cuda" else 1, device), probe, nbytes
 
 
-def without_pdl(fn):
-    """fn with programmatic dependent launch off while it runs (and while it is captured)."""
-    import kernels.triton_shrink as shrink_module
-
-    def run(p: Pair, y: torch.Tensor):
-        saved, shrink_module.PDL_ENABLED = shrink_module.PDL_ENABLED, False
-        try:
-            fn(p, y)
-        finally:
-            shrink_module.PDL_ENABLED = saved
-    return run
-
-
 def with_flag(fn, name: str, value: bool):
     """fn with kernels/triton_shrink.py's switch `name` set to `value` while it runs (and is captured)."""
     import kernels.triton_shrink as shrink_module
@@ -265,6 +252,11 @@ def with_flag(fn, name: str, value: bool):
         finally:
             setattr(shrink_module, name, saved)
     return run
+
+
+def without_pdl(fn):
+    """fn with programmatic dependent launch off while it runs (and while it is captured)."""
+    return with_flag(fn, "PDL_ENABLED", False)
 
 
 def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False, compare_tiles16=False):
