@@ -2,11 +2,10 @@
 and its two halves `lora_shrink` (x -> x A^T) and `lora_expand` (y += scale * v B^T).
 
 On CUDA tensors (with triton installed) these are the Triton kernels of `triton_shrink.py` and
-`triton_expand.py` (`lora_apply` is the pair, v passing through an fp32 buffer); elsewhere they
-are the plain-PyTorch references of `lora_reference.py`, the test oracle, behind the same
-signatures. (A one-launch fused decode kernel, v kept in registers, was built and measured
-slower than the pair at every decode shape on the H200: each program then walks the whole of
-h_in alone; loadtest/results/README.md has the figures.) `slot_ranks` ((num_slots, n_slices)
+`triton_expand.py`, and `lora_apply` is either that pair (v passing through an fp32 buffer) or,
+for decode batches whose tokens mostly have adapters of their own, the one-launch kernel of
+`triton_fused_decode.py`; elsewhere they are the plain-PyTorch references of
+`lora_reference.py`, the test oracle, behind the same signatures. `slot_ranks` ((num_slots, n_slices)
 int32 on the device, optional) lets the Triton kernels read and compute only each slot's true
 rank; the references ignore it, being exact through the pool's zero padding. The Triton modules
 are imported on first use, so importing `kernels` stays cheap and never decides for the CPU
@@ -35,6 +34,10 @@ def _triton_ops():
 def lora_apply(y, x, lora_a, lora_b, scales, meta, slot_ranks=None):
     """y += scales[s, i] * (lora_b[i][s] @ (lora_a[i][s] @ x[t])) for every token t of slot s >= 0,
     slice by slice (slices side by side in y), in place; returns y."""
+    if x.is_cuda and _triton_ops() is not None:
+        from kernels.triton_fused_decode import lora_apply as triton_apply
+
+        return triton_apply(y, x, lora_a, lora_b, scales, meta, slot_ranks)
     v = lora_shrink(x, lora_a, meta, slot_ranks=slot_ranks)
     return lora_expand(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
 

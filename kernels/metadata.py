@@ -20,8 +20,11 @@ Two views of the same step:
                                              one (slot, start in sorted_tokens, count) row each;
                                              unused rows have count 0
 
-  plus `split_counters`, an int32 buffer the shrink kernel's split-K reduction uses as
-  semaphores (always left at zero by the kernel that used it).
+  plus `split_counters`, an int32 buffer of semaphores: per (tile, slice, rank chunk) for the
+  shrink's split-K reduction, per (tile, slice) for the one-launch decode kernel, whose
+  ticket counter is the last element (kernels/triton_fused_decode.py). Every kernel leaves
+  the counters it used at zero, so kernels sharing a metadata object must run one after the
+  other on one stream, as a model's layers do.
 
 A kernel launched over `max_tiles(T, num_slots, bt)` programs covers every tile of any batch
 of T tokens, so the grid depends only on T: the step can be captured in a CUDA graph once
@@ -81,7 +84,7 @@ class LoRABatchMeta:
         device = torch.device(device)
         packed = torch.zeros(_packed_len(capacity), dtype=torch.int32, device=device)
         sorted64 = torch.zeros(capacity, dtype=torch.int64, device=device)
-        counters = torch.zeros(capacity * MAX_SLICES * MAX_RANK_CHUNKS, dtype=torch.int32, device=device)
+        counters = torch.zeros(capacity * MAX_SLICES * MAX_RANK_CHUNKS + 1, dtype=torch.int32, device=device)
         meta = cls(token_slots=packed[:0], active_slots=[], token_indices=[], capacity=capacity)
         meta.packed, meta._sorted64, meta.split_counters = packed, sorted64, counters
         views = _views(packed, capacity)

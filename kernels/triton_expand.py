@@ -207,27 +207,13 @@ def lora_expand(
     config: dict | None = None,
 ) -> torch.Tensor:
     """y += scale * v B^T per token and slice, in place; see the module docstring."""
+    check_expand_args(y, lora_b, scales, meta, slot_ranks)
     n_slices = len(lora_b)
     num_tokens = y.shape[0]
     num_slots, _, max_rank = lora_b[0].shape
     widths = [b.shape[1] for b in lora_b]
-    if not 1 <= n_slices <= MAX_SLICES:
-        raise ValueError(f"1..{MAX_SLICES} slices supported, got {n_slices}")
-    if y.dim() != 2 or y.shape[1] != sum(widths):
-        raise ValueError(f"y must be (T, {sum(widths)}), got {tuple(y.shape)}")
-    if any(b.shape[0] != num_slots or b.shape[2] != max_rank or b.dtype != lora_b[0].dtype for b in lora_b):
-        raise ValueError("every slice of lora_b must be (num_slots, h_out_i, max_rank) of one dtype")
-    if v.shape != (n_slices, num_tokens, max_rank) or v.dtype != torch.float32:
-        raise ValueError(f"v must be ({n_slices}, {num_tokens}, {max_rank}) float32")
-    if scales.shape != (num_slots, n_slices) or scales.dtype != torch.float32:
-        raise ValueError(f"scales must be ({num_slots}, {n_slices}) float32")
-    if slot_ranks is not None and slot_ranks.shape != (num_slots, n_slices):
-        raise ValueError(f"slot_ranks must be ({num_slots}, {n_slices})")
-    if max_rank > 16 * MAX_RANK_CHUNKS:
-        raise ValueError(f"max_rank {max_rank} exceeds {16 * MAX_RANK_CHUNKS}")
-    if any(t.device != y.device for t in (v, scales, *lora_b)):
-        raise ValueError("y, v, lora_b and scales must share one device")
-    _check_meta(meta, num_tokens, y.device)
+    if v.shape != (n_slices, num_tokens, max_rank) or v.dtype != torch.float32 or v.device != y.device:
+        raise ValueError(f"v must be ({n_slices}, {num_tokens}, {max_rank}) float32 on y's device")
     if num_tokens == 0:
         return y
 
@@ -252,3 +238,26 @@ def lora_expand(
         **pdl_args(_lora_expand_kernel, y.device, num_tokens), **cfg,
     )
     return y
+
+
+def check_expand_args(y: torch.Tensor, lora_b: Sequence[torch.Tensor], scales: torch.Tensor, meta: LoRABatchMeta,
+                      slot_ranks: torch.Tensor | None) -> None:
+    """Raise ValueError unless y (T, sum of widths), the B slices, scales and metadata fit together."""
+    n_slices = len(lora_b)
+    num_slots, _, max_rank = lora_b[0].shape
+    widths = [b.shape[1] for b in lora_b]
+    if not 1 <= n_slices <= MAX_SLICES:
+        raise ValueError(f"1..{MAX_SLICES} slices supported, got {n_slices}")
+    if y.dim() != 2 or y.shape[1] != sum(widths):
+        raise ValueError(f"y must be (T, {sum(widths)}), got {tuple(y.shape)}")
+    if any(b.shape[0] != num_slots or b.shape[2] != max_rank or b.dtype != lora_b[0].dtype for b in lora_b):
+        raise ValueError("every slice of lora_b must be (num_slots, h_out_i, max_rank) of one dtype")
+    if scales.shape != (num_slots, n_slices) or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be ({num_slots}, {n_slices}) float32")
+    if slot_ranks is not None and slot_ranks.shape != (num_slots, n_slices):
+        raise ValueError(f"slot_ranks must be ({num_slots}, {n_slices})")
+    if max_rank > 16 * MAX_RANK_CHUNKS:
+        raise ValueError(f"max_rank {max_rank} exceeds {16 * MAX_RANK_CHUNKS}")
+    if any(t.device != y.device for t in (scales, *lora_b)):
+        raise ValueError("y, lora_b and scales must share one device")
+    _check_meta(meta, y.shape[0], y.device)

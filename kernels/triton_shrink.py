@@ -114,20 +114,25 @@ def _pdl_supported(device: torch.device) -> bool:
 
 @triton.jit
 def _shrink_tile(
-    x_ptr, a_ptr, out_ptr, ws_ptr, counters_ptr,
-    slot, rank, tok, row_ok, tile, slice_id, rchunk, split, num_rchunks,
+    x_ptr, a_ptr, out_ptr, ws_ptr, lock,
+    slot, rank, tok, row_ok, rchunk, split,
     h_in, max_rank,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
     stride_ot, stride_or, stride_wp, stride_wt,
     SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, ARRIVE_ONLY: tl.constexpr,
 ):
+    """One program's share of v: its tile's tokens, one rank chunk, one K split.
+
+    SPLIT_K partials meet at `lock` (an int32 counter): the last to arrive sums them into out
+    and re-arms the counter. With ARRIVE_ONLY (kernels/triton_fused_decode.py) every program
+    leaves its partial in the workspace and arrives; the reader sums the partials itself."""
     offs_r = rchunk * BLOCK_R + tl.arange(0, BLOCK_R)
     out_ptrs = out_ptr + tok[:, None] * stride_ot + offs_r[None, :] * stride_or
     out_mask = row_ok[:, None] & (offs_r[None, :] < max_rank)
     if rchunk * BLOCK_R >= rank:
         # slot -1, a slice the adapter does not target, or rows past its rank: v is zero here
-        if split == 0:
+        if not ARRIVE_ONLY and split == 0:
             tl.store(out_ptrs, tl.zeros((BLOCK_T, BLOCK_R), tl.float32), mask=out_mask)
     else:
         r_ok = offs_r < rank
@@ -155,13 +160,17 @@ def _shrink_tile(
                 acc = tl.dot(x_tile.to(a_tile.dtype), tl.trans(a_tile), acc)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
-        if SPLIT_K == 1:
+        if ARRIVE_ONLY:
+            ws_ptrs = ws_ptr + tok[:, None] * stride_wt + offs_r[None, :]
+            tl.store(ws_ptrs + split * stride_wp, acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial is out before the counter says so
+            tl.atomic_add(lock, 1, sem="release", scope="gpu")
+        elif SPLIT_K == 1:
             tl.store(out_ptrs, acc, mask=out_mask)
         else:
             ws_ptrs = ws_ptr + tok[:, None] * stride_wt + offs_r[None, :]
             tl.store(ws_ptrs + split * stride_wp, acc, mask=out_mask)
             tl.debug_barrier()  # every thread's partial is out before the counter says so
-            lock = counters_ptr + (tile * _COUNTER_SLICES + slice_id) * num_rchunks + rchunk
             arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT_K - 1:  # last of the splits: reduce, publish, re-arm the counter
                 total = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)
@@ -207,24 +216,25 @@ def _lora_shrink_kernel(
             gdc_launch_dependents()
         out_i = out_ptr + slice_id * stride_oi
         ws_i = ws_ptr + slice_id * stride_wi
+        lock = counters_ptr + (tile * _COUNTER_SLICES + slice_id) * num_rchunks + rchunk
         # one branch per slice: each keeps its pointer's alignment facts for vectorised loads
         if slice_id == 0:
-            _shrink_tile(x_ptr, a0_ptr, out_i, ws_i, counters_ptr, safe_slot, rank, tok, row_ok, tile,
-                         slice_id, rchunk, split, num_rchunks, h_in, max_rank,
+            _shrink_tile(x_ptr, a0_ptr, out_i, ws_i, lock, safe_slot, rank, tok, row_ok,
+                         rchunk, split, h_in, max_rank,
                          stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or, stride_wp,
-                         stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32)
+                         stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32, False)
         if N_SLICES > 1:
             if slice_id == 1:
-                _shrink_tile(x_ptr, a1_ptr, out_i, ws_i, counters_ptr, safe_slot, rank, tok, row_ok, tile,
-                             slice_id, rchunk, split, num_rchunks, h_in, max_rank,
+                _shrink_tile(x_ptr, a1_ptr, out_i, ws_i, lock, safe_slot, rank, tok, row_ok,
+                             rchunk, split, h_in, max_rank,
                              stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or, stride_wp,
-                             stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32)
+                             stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32, False)
         if N_SLICES > 2:
             if slice_id == 2:
-                _shrink_tile(x_ptr, a2_ptr, out_i, ws_i, counters_ptr, safe_slot, rank, tok, row_ok, tile,
-                             slice_id, rchunk, split, num_rchunks, h_in, max_rank,
+                _shrink_tile(x_ptr, a2_ptr, out_i, ws_i, lock, safe_slot, rank, tok, row_ok,
+                             rchunk, split, h_in, max_rank,
                              stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or, stride_wp,
-                             stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32)
+                             stride_wt, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K, EVEN_K, DOT_FP32, False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,6 +242,14 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # the H200's count, so the CPU interpreter exercises the same choices
+
+
+def takes_one_token_tiles(num_tokens: int, meta: LoRABatchMeta) -> bool:
+    """A decode-like batch (no adapter with 64 tokens) whose tokens mostly have adapters of their
+    own: one token per program reads an adapter once per token, so only where 16-token tiles
+    would save under a quarter of the weight reads. Off when GEMV_DECODE is cleared."""
+    mostly_distinct = 4 * meta.num_tiles_hint.get(16, num_tokens) >= 3 * num_tokens
+    return GEMV_DECODE and meta.max_group_tokens < 64 and mostly_distinct
 
 
 def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta: LoRABatchMeta, device) -> dict:
@@ -256,13 +274,9 @@ def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta
     """
     r_pad = max(16, triton.next_power_of_2(max_rank))
     prefill = meta.max_group_tokens >= 64
-    # one token per program reads an adapter once per token: only where tokens rarely share one
-    mostly_distinct = 4 * meta.num_tiles_hint.get(16, num_tokens) >= 3 * num_tokens
-    if not prefill and GEMV_DECODE and mostly_distinct:
-        cfg = dict(BLOCK_T=1, BLOCK_R=8 if max_rank <= 8 else 16, BLOCK_K=256, num_warps=4, num_stages=1)
-        wanted = 3 * num_sms(device)
-        split = min(8, max(1, triton.cdiv(h_in, 1024)))  # K loops are not pipelined: at most 1024 each
-    elif prefill and r_pad <= 16:
+    if takes_one_token_tiles(num_tokens, meta):
+        return one_token_config(num_tokens, n_slices, max_rank, h_in, device)
+    if prefill and r_pad <= 16:
         cfg = dict(BLOCK_T=64, BLOCK_R=16, BLOCK_K=64, num_warps=4, num_stages=4)
         wanted, split = 1.9 * num_sms(device), 1
     elif prefill:
@@ -272,11 +286,24 @@ def shrink_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta
         cfg = dict(BLOCK_T=16, BLOCK_R=16, BLOCK_K=128, num_warps=2, num_stages=4)
         wanted, split = 3 * num_sms(device), 2 if max_rank > 16 else 1
     tiles = max(1, meta.num_tiles_hint.get(cfg["BLOCK_T"], num_tokens))
-    programs = tiles * n_slices
-    while programs * split < wanted and split < 8 and h_in >= 2 * split * cfg["BLOCK_K"]:
-        split *= 2
-    cfg["SPLIT_K"] = split
+    cfg["SPLIT_K"] = _grow_split(split, tiles * n_slices, wanted, h_in, cfg["BLOCK_K"])
     return cfg
+
+
+def one_token_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, device) -> dict:
+    """GEMV tiles (see shrink_config): rank chunks of 8 or 16, K spans of 256 with at most 1024
+    of K per program (the loop is not pipelined), split until ~3 programs per multiprocessor."""
+    cfg = dict(BLOCK_T=1, BLOCK_R=8 if max_rank <= 8 else 16, BLOCK_K=256, num_warps=4, num_stages=1)
+    split = min(8, max(1, triton.cdiv(h_in, 1024)))
+    cfg["SPLIT_K"] = _grow_split(split, max(1, num_tokens) * n_slices, 3 * num_sms(device), h_in, cfg["BLOCK_K"])
+    return cfg
+
+
+def _grow_split(split: int, programs: int, wanted: float, h_in: int, block_k: int) -> int:
+    """Double the K split until programs * split reaches `wanted` (at most 8 splits, none empty)."""
+    while programs * split < wanted and split < 8 and h_in >= 2 * split * block_k:
+        split *= 2
+    return split
 
 
 def lora_shrink(
@@ -289,24 +316,14 @@ def lora_shrink(
     config: dict | None = None,
 ) -> torch.Tensor:
     """v = x A^T per token and slice into (n_slices, T, max_rank) float32; see module docstring."""
+    check_shrink_args(x, lora_a, meta, slot_ranks)
     n_slices = len(lora_a)
     num_tokens, h_in = x.shape
-    num_slots, max_rank, a_in = lora_a[0].shape
-    if not 1 <= n_slices <= MAX_SLICES:
-        raise ValueError(f"1..{MAX_SLICES} slices supported, got {n_slices}")
-    if a_in != h_in or any(a.shape != lora_a[0].shape or a.stride() != lora_a[0].stride() for a in lora_a):
-        raise ValueError("every slice of lora_a must be (num_slots, max_rank, h_in) with the same strides")
-    if any(a.dtype != lora_a[0].dtype or a.device != x.device for a in lora_a):
-        raise ValueError("lora_a slices must share one dtype and x's device")
-    if max_rank > 16 * MAX_RANK_CHUNKS:
-        raise ValueError(f"max_rank {max_rank} exceeds {16 * MAX_RANK_CHUNKS}")
-    _check_meta(meta, num_tokens, x.device)
+    num_slots, max_rank, _ = lora_a[0].shape
     if out is None:
         out = torch.empty(n_slices, num_tokens, max_rank, dtype=torch.float32, device=x.device)
     elif out.shape != (n_slices, num_tokens, max_rank) or out.dtype != torch.float32:
         raise ValueError(f"out must be ({n_slices}, {num_tokens}, {max_rank}) float32")
-    if slot_ranks is not None and slot_ranks.shape != (num_slots, n_slices):
-        raise ValueError(f"slot_ranks must be ({num_slots}, {n_slices})")
     if num_tokens == 0:
         return out
 
@@ -333,6 +350,25 @@ def lora_shrink(
         **pdl_args(_lora_shrink_kernel, x.device, num_tokens), **cfg,
     )
     return out
+
+
+def check_shrink_args(x: torch.Tensor, lora_a: Sequence[torch.Tensor], meta: LoRABatchMeta,
+                      slot_ranks: torch.Tensor | None) -> None:
+    """Raise ValueError unless x (T, h_in), the A slices and the metadata fit together."""
+    n_slices = len(lora_a)
+    num_tokens, h_in = x.shape
+    num_slots, max_rank, a_in = lora_a[0].shape
+    if not 1 <= n_slices <= MAX_SLICES:
+        raise ValueError(f"1..{MAX_SLICES} slices supported, got {n_slices}")
+    if a_in != h_in or any(a.shape != lora_a[0].shape or a.stride() != lora_a[0].stride() for a in lora_a):
+        raise ValueError("every slice of lora_a must be (num_slots, max_rank, h_in) with the same strides")
+    if any(a.dtype != lora_a[0].dtype or a.device != x.device for a in lora_a):
+        raise ValueError("lora_a slices must share one dtype and x's device")
+    if max_rank > 16 * MAX_RANK_CHUNKS:
+        raise ValueError(f"max_rank {max_rank} exceeds {16 * MAX_RANK_CHUNKS}")
+    if slot_ranks is not None and slot_ranks.shape != (num_slots, n_slices):
+        raise ValueError(f"slot_ranks must be ({num_slots}, {n_slices})")
+    _check_meta(meta, num_tokens, x.device)
 
 
 def _check_meta(meta: LoRABatchMeta, num_tokens: int, device: torch.device) -> None:

@@ -107,14 +107,29 @@ class Pair:
 # --- the three methods: each runs one pair ------------------------------------------------------
 
 def ours(pool, shrink_cfg=None, expand_cfg=None, parts=("shrink", "expand")):
+    """Our LoRA op as the model calls it (`parts` both, no configurations: one-launch decode kernel
+    or the pair, by the rule of kernels/triton_fused_decode.py), or the pair's kernels alone."""
     from kernels.triton_expand import lora_expand
+    from kernels.triton_fused_decode import lora_apply
     from kernels.triton_shrink import lora_shrink
 
     def run(p: Pair, y: torch.Tensor):
+        if len(parts) == 2 and shrink_cfg is None and expand_cfg is None:
+            lora_apply(y, p.x, pool.a, pool.b, pool.scales, p.meta, slot_ranks=pool.slot_ranks)
+            return
         if "shrink" in parts:
             lora_shrink(p.x, pool.a, p.meta, p.v, slot_ranks=pool.slot_ranks, config=shrink_cfg)
         if "expand" in parts:
             lora_expand(y, p.v, pool.b, pool.scales, p.meta, slot_ranks=pool.slot_ranks, config=expand_cfg)
+    return run
+
+
+def fused_decode(pool, cfg):
+    """The one-launch decode kernel under a given configuration (--tune)."""
+    from kernels.triton_fused_decode import lora_fused_decode
+
+    def run(p: Pair, y: torch.Tensor):
+        lora_fused_decode(y, p.x, pool.a, pool.b, pool.scales, p.meta, slot_ranks=pool.slot_ranks, config=cfg)
     return run
 
 
@@ -240,17 +255,19 @@ def pairs_for(pool, name, device) -> tuple[list[Pair], list[int], int]:
     return make_pairs(pool, name, num_pairs if device.type == "cuda" else 1, device), probe, nbytes
 
 
-def with_flag(fn, name: str, value: bool):
-    """fn with kernels/triton_shrink.py's switch `name` set to `value` while it runs (and is captured)."""
-    import kernels.triton_shrink as shrink_module
+def with_flag(fn, name: str, value: bool, module: str = "kernels.triton_shrink"):
+    """fn with `module`'s switch `name` set to `value` while it runs (and is captured)."""
+    import importlib
+
+    switches = importlib.import_module(module)
 
     def run(p: Pair, y: torch.Tensor):
-        saved = getattr(shrink_module, name)
-        setattr(shrink_module, name, value)
+        saved = getattr(switches, name)
+        setattr(switches, name, value)
         try:
             fn(p, y)
         finally:
-            setattr(shrink_module, name, saved)
+            setattr(switches, name, saved)
     return run
 
 
@@ -259,7 +276,8 @@ def without_pdl(fn):
     return with_flag(fn, "PDL_ENABLED", False)
 
 
-def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False, compare_tiles16=False):
+def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False, compare_tiles16=False,
+               compare_pair=False):
     pairs, probe, nbytes = pairs_for(pool, name, device)
     methods = {"ours": ours(pool), "gather_bmm": gather_bmm(pool), "loop_matmul": loop_matmuls(pool)}
     row = dict(proj=proj, rank=rank, scenario=name, tokens=len(probe), adapters=len(set(probe)), pairs=len(pairs),
@@ -275,6 +293,9 @@ def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False, co
     row["ours_GBps"] = nbytes / (row["ours_us"] * 1e-6) / 1e9
     if compare_tiles16 and not name.startswith("prefill"):  # the shrink on 16-token tl.dot tiles instead
         row["ours_tiles16_us"] = time_pairs(with_flag(ours(pool), "GEMV_DECODE", False), pairs)
+    if compare_pair and not name.startswith("prefill"):  # the shrink/expand pair instead of one launch
+        row["ours_pair_us"] = time_pairs(with_flag(ours(pool), "FUSED_DECODE", False, "kernels.triton_fused_decode"),
+                                         pairs)
     if compare_no_pdl:
         for key, parts in (("", ("shrink", "expand")), ("_shrink", ("shrink",)), ("_expand", ("expand",))):
             row[f"ours_nopdl{key}_us"] = time_pairs(without_pdl(ours(pool, parts=parts)), pairs)
@@ -282,10 +303,25 @@ def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False, co
 
 
 TUNE_CASES = [("o", 8, "decode-distinct-256"), ("o", 16, "decode-distinct-64"), ("qkv", 16, "decode-distinct-256"),
-              ("o", "mixed", "decode-distinct-64")]
+              ("o", "mixed", "decode-distinct-64"), ("o", 8, "decode-distinct-64"), ("qkv", 8, "decode-distinct-64"),
+              ("o", 64, "decode-distinct-256")]
 
 
-def tune_configs(pool, pairs):
+def fused_candidates(pool, pairs) -> list[dict]:
+    """One-launch decode configurations around the default one."""
+    from kernels.triton_fused_decode import fused_decode_config
+
+    p = pairs[0]
+    base = fused_decode_config(p.x.shape[0], len(pool.widths), pool.max_rank, pool.h_in, p.meta, p.x.device)
+    sk = base["SPLIT_K"]
+    cands = [dict(base, **change) for change in (
+        dict(BLOCK_N=512), dict(BLOCK_N=2048), dict(BLOCK_N=2048, num_warps=8), dict(BLOCK_N=1024, num_warps=8),
+        dict(BLOCK_N=512, num_warps=2), dict(SPLIT_K=2 * sk), dict(SPLIT_K=max(1, sk // 2)), dict(BLOCK_K=512),
+        dict(BLOCK_K=128, SPLIT_K=2 * sk), dict(BLOCK_R=16) if base["BLOCK_R"] == 8 else dict(BLOCK_N=256))]
+    return cands
+
+
+def tune_configs(pool, pairs, kinds=("shrink", "expand", "fused")):
     """Each kernel alone under candidate configurations: median us per pair, best first."""
     prefill = pairs[0].meta.max_group_tokens >= 64
     r_pad = min(64, max(16, 1 << (pool.max_rank - 1).bit_length()))
@@ -310,11 +346,29 @@ def tune_configs(pool, pairs):
         fn(p, y)
         return p.v.clone(), y.float() - y_start.float()
 
-    expected = output(ours(pool))
+    fused = [] if prefill else fused_candidates(pool, pairs)
+    expected = output(ours(pool, shrink_cfg={}, expand_cfg={}))  # the pair with its default configurations
     results = [dict(kernel=kind, config="default", us=time_pairs(ours(pool, parts=(kind,)), pairs), ok=True)
-               for kind in ("shrink", "expand")]
-    for kind, cands in (("shrink", shrink), ("expand", expand)):
+               for kind in ("shrink", "expand") if kind in kinds]
+    if fused and "fused" in kinds:
+        results.append(dict(kernel="fused", config="default", us=time_pairs(ours(pool), pairs), ok=True))
+        results.append(dict(kernel="fused", config="pair", us=time_pairs(ours(pool, {}, {}), pairs), ok=True))
+    for kind, cands in (("shrink", shrink), ("expand", expand), ("fused", fused)):
+        if kind not in kinds:
+            continue
         for cfg in cands:
+            if kind == "fused":  # y only: the one launch leaves no v behind
+                try:
+                    y = y_start.clone()
+                    fused_decode(pool, cfg)(p, y)
+                    delta = y.float() - y_start.float()
+                    ok = float((delta - expected[1]).abs().max()) <= 3e-2 * float(expected[1].abs().max())
+                    us = time_pairs(fused_decode(pool, cfg), pairs)
+                except Exception as exc:
+                    ok, us = False, float("inf")
+                    print(f"      fused {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                results.append(dict(kernel=kind, config=cfg, us=us, ok=ok))
+                continue
             kw = {"shrink_cfg": cfg} if kind == "shrink" else {"expand_cfg": cfg}
             try:
                 got = output(ours(pool, **kw))
@@ -336,9 +390,9 @@ def tune(args, device) -> int:
             continue
         pool = Pool(*PROJECTIONS[proj], rank, NUM_SLOTS, device)
         pairs = pairs_for(pool, name, device)[0]
-        results = tune_configs(pool, pairs)
+        results = tune_configs(pool, pairs, args.tune_kinds.split(","))
         report.append(dict(proj=proj, rank=rank, scenario=name, results=results))
-        for kind in ("shrink", "expand"):
+        for kind in ("shrink", "expand", "fused"):
             rows = [r for r in results if r["kernel"] == kind]
             if not rows:
                 continue
@@ -365,6 +419,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
     parser.add_argument("--no-pdl", action="store_true", help="launch the kernels without programmatic dependent launch")
     parser.add_argument("--compare-no-pdl", action="store_true", help="also time our pair without it")
+    parser.add_argument("--compare-pair", action="store_true",
+                        help="also time decode cases with the shrink/expand pair where the one-launch kernel "
+                        "would run (`ours_pair_us`)")
+    parser.add_argument("--tune-kinds", default="shrink,expand,fused", help="--tune: which kernels to sweep")
     parser.add_argument("--compare-tiles16", action="store_true",
                         help="also time decode cases with the shrink on 16-token tl.dot tiles instead of one-token "
                         "GEMV tiles (`ours_tiles16_us`)")
@@ -406,9 +464,12 @@ def main(argv=None) -> int:
             for name in SCENARIOS:
                 if not wanted(f"{proj}/{rank}/{name}"):
                     continue
-                row = bench_case(proj, rank, name, device, copy_bw, pool, args.compare_no_pdl, args.compare_tiles16)
+                row = bench_case(proj, rank, name, device, copy_bw, pool, args.compare_no_pdl, args.compare_tiles16,
+                                 args.compare_pair)
                 report["cases"].append(row)
                 extra = ""
+                if "ours_pair_us" in row:
+                    extra += f"  pair {row['ours_pair_us']:6.1f}"
                 if "ours_tiles16_us" in row:
                     extra += f"  tiles16 {row['ours_tiles16_us']:6.1f}"
                 if args.compare_no_pdl:

@@ -25,6 +25,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from kernels import lora_expand_reference, lora_shrink_reference  # noqa: E402
 from kernels.triton_expand import lora_expand  # noqa: E402
+from kernels.triton_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.triton_shrink import lora_shrink, shrink_config  # noqa: E402
 from kernels.metadata import TILE_SIZES, LoRABatchMeta, max_tiles  # noqa: E402
 
@@ -103,7 +104,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def check(slots, h_in, widths, ranks, dtype, gen, *, shrink_cfg=None, expand_cfg=None, rank_major=False,
-          pass_ranks=True, meta=None):
+          pass_ranks=True, meta=None, fused_cfg=None):
+    """The pair against the reference; with `fused_cfg` ("default" or a configuration) also the
+    one-launch decode kernel on the same inputs."""
     num_tokens = len(slots)
     num_slots = ranks.shape[0]
     pad = float("nan") if pass_ranks else 0.0
@@ -125,12 +128,18 @@ def check(slots, h_in, widths, ranks, dtype, gen, *, shrink_cfg=None, expand_cfg
     y, y_ref = y0.clone(), y0.clone()
     lora_expand(y, v, b_ker, scales, meta, config=expand_cfg, **kw)
     lora_expand_reference(y_ref, v_ref, b_ref, scales, meta)
-    assert torch.equal(bits(y[base_rows]), bits(y0[base_rows])), "a slot -1 row was written"
     rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(y[~base_rows], y_ref[~base_rows], rtol=rtol, atol=atol)
     targeted = torch.tensor([s >= 0 and bool(ranks[s].any()) for s in slots], device=DEVICE)
-    assert bool((y != y0).any(dim=1)[targeted].all()), "a LoRA row was never written"
-    assert int(meta.split_counters.abs().sum()) == 0, "split-K counters not re-armed"
+    outputs = {"pair": y}
+    if fused_cfg is not None:
+        outputs["one launch"] = y0.clone()
+        lora_fused_decode(outputs["one launch"], x, a_ker, b_ker, scales, meta,
+                          config=None if fused_cfg == "default" else fused_cfg, **kw)
+    for name, out in outputs.items():
+        assert torch.equal(bits(out[base_rows]), bits(y0[base_rows])), f"{name}: a slot -1 row was written"
+        torch.testing.assert_close(out[~base_rows], y_ref[~base_rows], rtol=rtol, atol=atol, msg=name)
+        assert bool((out != y0).any(dim=1)[targeted].all()), f"{name}: a LoRA row was never written"
+        assert int(meta.split_counters.abs().sum()) == 0, f"{name}: counters not re-armed"
     return meta
 
 
@@ -172,6 +181,52 @@ def test_sweep_sixteen_token_tiles_for_decode(popularity, rank, num_tokens, dtyp
     # and the expand's one-block decode configuration (256 columns, B loaded before any PDL wait)
     check(slots, h_in, widths, ranks, dtype, gen,
           expand_cfg=dict(BLOCK_T=16, BLOCK_N=256, N_SUB=1, BLOCK_R=r_pad, num_warps=4, num_stages=1))
+
+
+FUSED_SWEEP = [case for case in SWEEP if case[0] in ("distinct", "uniform")]
+
+
+@pytest.mark.parametrize("popularity,rank,num_tokens,dtype,proj", FUSED_SWEEP)
+def test_one_launch_decode(popularity, rank, num_tokens, dtype, proj):
+    """Shrink and expand programs in one grid (kernels/triton_fused_decode.py): several column
+    blocks per slice, widths they do not divide, split K of 1 to 3, rank chunks of 8 and 16."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"fused{popularity}{rank}{num_tokens}".encode()))
+    h_in, widths = SMALL[proj]
+    num_tokens = min(num_tokens, 33)
+    num_slots = num_tokens + 3
+    slots = make_slots(popularity, num_tokens, num_slots, gen)
+    ranks = rank_table(rank, num_slots, len(widths), gen)
+    cfg = dict(BLOCK_R=8 if int(ranks.max()) <= 8 else 16, BLOCK_K=32, SPLIT_K=1 + num_tokens % 3, BLOCK_N=(32, 128)[num_tokens % 2],
+               num_warps=4)
+    check(slots, h_in, widths, ranks, dtype, gen, rank_major=True, fused_cfg=cfg)
+
+
+def test_one_launch_decode_default_config_and_routing():
+    """The default configuration (one wide column block, split K at the default model's widths),
+    and the Triton lora_apply sending distinct batches to one launch and shared ones to the pair."""
+    from kernels import triton_fused_decode
+
+    gen = torch.Generator().manual_seed(31)
+    slots = make_slots("distinct", 13, 16, gen)
+    check(slots, 1536, (576,), rank_table("mixed", 16, 1, gen), torch.bfloat16, gen, rank_major=True,
+          fused_cfg="default")
+    calls = []
+    original = triton_fused_decode.lora_fused_decode
+    try:
+        triton_fused_decode.lora_fused_decode = lambda *args, **kw: calls.append(1) or original(*args, **kw)
+        for popularity, expected in (("distinct", [1]), ("identical", [])):
+            calls.clear()
+            slots = make_slots(popularity, 9, 12, gen, base_share=0.0)
+            a_ref, b_ref, a, b, scales, ranks = make_pool(12, 64, (64,), rank_table(8, 12, 1, gen), torch.float16, gen)
+            meta = LoRABatchMeta.build(slots, DEVICE)
+            x = torch.randn(9, 64, generator=device_generator(gen), device=DEVICE).to(torch.float16)
+            y = torch.zeros(9, 64, dtype=torch.float16, device=DEVICE)
+            triton_fused_decode.lora_apply(y, x, a, b, scales, meta, ranks)
+            y_ref = lora_expand_reference(torch.zeros_like(y), lora_shrink_reference(x, a_ref, meta), b_ref, scales, meta)
+            torch.testing.assert_close(y, y_ref, rtol=5e-3, atol=5e-3)
+            assert calls == expected, popularity
+    finally:
+        triton_fused_decode.lora_fused_decode = original
 
 
 def test_decode_shrink_takes_one_token_tiles_only_when_adapters_are_mostly_distinct(monkeypatch):

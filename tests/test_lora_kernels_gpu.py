@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from kernels.triton_expand import _lora_expand_kernel, lora_expand  # noqa: E402
 from kernels.lora_reference import lora_expand_reference, lora_shrink_reference  # noqa: E402
+from kernels.triton_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.triton_shrink import lora_shrink  # noqa: E402
 from kernels.metadata import LoRABatchMeta  # noqa: E402
 from tests.test_lora_kernels import POPULARITIES, TOLERANCES, check, make_pool, make_slots, rank_table  # noqa: E402
@@ -40,7 +41,7 @@ def test_sweep_llama_sizes(popularity, rank, num_tokens, proj):
     num_slots = (num_tokens if popularity == "distinct" else 32) + 3
     slots = make_slots(popularity, num_tokens, num_slots, gen)
     check(slots, h_in, widths, rank_table(rank, num_slots, len(widths), gen), torch.bfloat16, gen,
-          rank_major=popularity != "uniform")
+          rank_major=popularity != "uniform", fused_cfg="default")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -58,12 +59,14 @@ def test_gate_up_prefill_and_decode():
     check(slots, h_in, widths, rank_table("mixed", 40, 2, gen), torch.bfloat16, gen, rank_major=True)
 
 
-@pytest.mark.parametrize("capture_with,replays", [
-    ("distinct", ("zipf", "identical", "uniform", "base")),
-    ("identical", ("distinct", "skewed")),
+@pytest.mark.parametrize("capture_with,replays,one_launch", [
+    ("distinct", ("zipf", "identical", "uniform", "base"), False),
+    ("identical", ("distinct", "skewed"), False),
+    ("distinct", ("distinct", "zipf", "uniform", "base"), True),
 ])
-def test_cuda_graph_replay_with_new_metadata(capture_with, replays):
-    """Capture shrink+expand once; refill the metadata in place; every replay is right."""
+def test_cuda_graph_replay_with_new_metadata(capture_with, replays, one_launch):
+    """Capture shrink+expand (or the one-launch decode kernel) once; refill the metadata in
+    place; every replay is right."""
     gen = torch.Generator().manual_seed(17)
     num_tokens, num_slots = 256, 300
     h_in, widths = LLAMA3_8B["qkv"]
@@ -76,6 +79,9 @@ def test_cuda_graph_replay_with_new_metadata(capture_with, replays):
     v = torch.empty(3, num_tokens, a[0].shape[1], device="cuda")
 
     def step():
+        if one_launch:
+            lora_fused_decode(y, x, a, b, scales, meta, slot_ranks=slot_ranks)
+            return
         lora_shrink(x, a, meta, v, slot_ranks=slot_ranks)
         lora_expand(y, v, b, scales, meta, slot_ranks=slot_ranks)
 
@@ -99,7 +105,8 @@ def test_cuda_graph_replay_with_new_metadata(capture_with, replays):
         torch.cuda.synchronize()
         v_ref = lora_shrink_reference(x, a_ref, meta)
         y_ref = lora_expand_reference(y0.clone(), v_ref, b_ref, scales, meta)
-        torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-4)
+        if not one_launch:
+            torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-4)
         rtol, atol = TOLERANCES[torch.bfloat16]
         torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
         base = torch.tensor([s < 0 for s in slots], device="cuda")
@@ -107,11 +114,13 @@ def test_cuda_graph_replay_with_new_metadata(capture_with, replays):
         assert int(meta.split_counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 64, 256])  # 256: over PDL_MAX_TOKENS, plain launches
-def test_chained_layers_under_programmatic_dependent_launch(num_tokens):
-    """A base matmul, then two shrink+expand layers each reading what the one before wrote, in a
-    CUDA graph: with PDL (on here for T <= 64, sm_90+) a kernel may start early, and must still
-    wait for its inputs (x, y, v) before reading them."""
+def test_chained_layers_under_programmatic_dependent_launch(num_tokens, one_launch):
+    """A base matmul, then two LoRA layers (shrink+expand, or the one-launch kernel) each reading
+    what the one before wrote, in a CUDA graph: with PDL (on here for T <= 64, sm_90+) a kernel
+    may start early, and must still wait for its inputs (x, y, v) before reading them; the
+    one-launch kernels share the metadata's counters, which each must leave at zero."""
     from kernels.triton_shrink import _lora_shrink_kernel, use_pdl
 
     if torch.cuda.get_device_capability()[0] >= 9:
@@ -132,6 +141,11 @@ def test_chained_layers_under_programmatic_dependent_launch(num_tokens):
 
     def step():
         torch.matmul(x, w, out=h)
+        if one_launch:
+            lora_fused_decode(h, x, a, b, scales, meta, slot_ranks=slot_ranks)
+            z.copy_(z0)
+            lora_fused_decode(z, h, a, b, scales, meta, slot_ranks=slot_ranks)
+            return
         lora_shrink(x, a, meta, v1, slot_ranks=slot_ranks)
         lora_expand(h, v1, b, scales, meta, slot_ranks=slot_ranks)
         lora_shrink(h, a, meta, v2, slot_ranks=slot_ranks)
@@ -157,6 +171,7 @@ def test_chained_layers_under_programmatic_dependent_launch(num_tokens):
         z_ref = lora_expand_reference(z0.clone(), v2_ref, b_ref, scales, meta)
         rtol, atol = TOLERANCES[torch.bfloat16]
         torch.testing.assert_close(h, h_ref, rtol=rtol, atol=atol)
-        torch.testing.assert_close(v2, v2_ref, rtol=1e-4, atol=1e-4)
+        if not one_launch:
+            torch.testing.assert_close(v2, v2_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(z, z_ref, rtol=rtol, atol=atol)
         assert int(meta.split_counters.abs().sum()) == 0
