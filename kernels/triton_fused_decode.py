@@ -66,6 +66,7 @@ def _expand_columns(
     y_ptr, ws_ptr, b_ptr, lock, scale, slot, rank, tok, block, n_out, col0, target, n_consumers,
     stride_yt, stride_yn, stride_wp, stride_wt, stride_bs, stride_bn, stride_br,
     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_N: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
 ):
     """y[tok, block's columns] += scale * v B^T once v's partials are all in (see module docstring)."""
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,16 +84,22 @@ def _expand_columns(
     arrived = tl.atomic_add(lock, 0, sem="acquire", scope="gpu")
     while arrived < target:
         arrived = tl.atomic_add(lock, 0, sem="acquire", scope="gpu")
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        b_tile = b_next
-        b_next = tl.load(b_ptrs + (r0 + BLOCK_R) * stride_br,
-                         mask=(offs_r < rank - r0 - BLOCK_R)[:, None] & n_ok[None, :], other=0.0)
-        r_ok = offs_r < rank - r0
+    if ONE_CHUNK:  # every rank fits in one chunk: no loop, no prefetch registers
         v = tl.zeros((BLOCK_R,), tl.float32)
         for s in tl.static_range(SPLIT_K):  # the shrink's partials (another SM's writes: skip L1)
-            v += tl.load(w_ptrs + s * stride_wp + r0, mask=r_ok, other=0.0, cache_modifier=".cg")
-        acc += tl.sum(b_tile.to(tl.float32) * v[:, None], axis=0)
+            v += tl.load(w_ptrs + s * stride_wp, mask=offs_r < rank, other=0.0, cache_modifier=".cg")
+        acc = tl.sum(b_next.to(tl.float32) * v[:, None], axis=0)
+    else:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            b_tile = b_next
+            b_next = tl.load(b_ptrs + (r0 + BLOCK_R) * stride_br,
+                             mask=(offs_r < rank - r0 - BLOCK_R)[:, None] & n_ok[None, :], other=0.0)
+            r_ok = offs_r < rank - r0
+            v = tl.zeros((BLOCK_R,), tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                v += tl.load(w_ptrs + s * stride_wp + r0, mask=r_ok, other=0.0, cache_modifier=".cg")
+            acc += tl.sum(b_tile.to(tl.float32) * v[:, None], axis=0)
     tl.store(y_ptrs, (y_old.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=n_ok)
     done = tl.atomic_add(lock, 1, sem="relaxed", scope="gpu")
     if done == target + n_consumers - 1:  # the token's last expand program: re-arm the counter
@@ -109,7 +116,7 @@ def _lora_fused_decode_kernel(
     stride_ss, stride_si, stride_rs, stride_ri, stride_wp, stride_wi, stride_wt,
     N_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # the previous kernel (and its counter resets) must be done before a ticket is drawn
         gdc_wait()
@@ -167,28 +174,27 @@ def _lora_fused_decode_kernel(
             if slice_id == 0:
                 _expand_columns(y_ptr, ws_i, b0_ptr, lock, scale, slot, rank, tok, block, n0, 0, target,
                                 tl.cdiv(n0, BLOCK_N), stride_yt, stride_yn, stride_wp, stride_wt,
-                                stride_b0s, stride_b0n, stride_b0r, SPLIT_K, BLOCK_N, BLOCK_R, EVEN_N)
+                                stride_b0s, stride_b0n, stride_b0r, SPLIT_K, BLOCK_N, BLOCK_R, EVEN_N, ONE_CHUNK)
             if N_SLICES > 1:
                 if slice_id == 1:
                     _expand_columns(y_ptr, ws_i, b1_ptr, lock, scale, slot, rank, tok, block - nb0, n1, n0,
                                     target, nb1, stride_yt, stride_yn, stride_wp, stride_wt,
-                                    stride_b1s, stride_b1n, stride_b1r, SPLIT_K, BLOCK_N, BLOCK_R, EVEN_N)
+                                    stride_b1s, stride_b1n, stride_b1r, SPLIT_K, BLOCK_N, BLOCK_R, EVEN_N, ONE_CHUNK)
             if N_SLICES > 2:
                 if slice_id == 2:
                     _expand_columns(y_ptr, ws_i, b2_ptr, lock, scale, slot, rank, tok, block - nb0 - nb1, n2,
                                     n0 + n1, target, tl.cdiv(n2, BLOCK_N), stride_yt, stride_yn, stride_wp,
                                     stride_wt, stride_b2s, stride_b2n, stride_b2r, SPLIT_K, BLOCK_N, BLOCK_R,
-                                    EVEN_N)
+                                    EVEN_N, ONE_CHUNK)
 
 
 def fused_decode_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta: LoRABatchMeta,
                         device) -> dict:
-    """The shrink side as the pair's one-token configuration; expand programs take BLOCK_N
-    columns, 8 bf16 per thread per rank row (1024 at 4 warps)."""
+    """The shrink side as the pair's one-token configuration, but two warps a program (fewer
+    registers, more programs resident); expand programs take 512 columns."""
     shrink = one_token_config(num_tokens, n_slices, max_rank, h_in, device)
-    cfg = {k: shrink[k] for k in ("BLOCK_R", "BLOCK_K", "SPLIT_K", "num_warps")}
-    cfg["BLOCK_N"] = 256 * cfg["num_warps"]
-    return cfg
+    return dict(BLOCK_R=shrink["BLOCK_R"], BLOCK_K=shrink["BLOCK_K"], SPLIT_K=shrink["SPLIT_K"], BLOCK_N=512,
+                num_warps=2)
 
 
 def lora_fused_decode(
@@ -231,6 +237,7 @@ def lora_fused_decode(
         *(slot_ranks.stride() if slot_ranks is not None else (0, 0)), *ws.stride()[:3],
         N_SLICES=n_slices, HAS_RANKS=slot_ranks is not None, SPLIT_K=split,
         EVEN_K=h_in % (cfg["BLOCK_K"] * split) == 0, EVEN_N=all(n % block_n == 0 for n in widths),
+        ONE_CHUNK=max_rank <= block_r,
         **pdl_args(_lora_fused_decode_kernel, x.device, num_tokens), **cfg,
     )
     return y

@@ -315,9 +315,10 @@ def fused_candidates(pool, pairs) -> list[dict]:
     base = fused_decode_config(p.x.shape[0], len(pool.widths), pool.max_rank, pool.h_in, p.meta, p.x.device)
     sk = base["SPLIT_K"]
     cands = [dict(base, **change) for change in (
-        dict(BLOCK_N=512), dict(BLOCK_N=2048), dict(BLOCK_N=2048, num_warps=8), dict(BLOCK_N=1024, num_warps=8),
-        dict(BLOCK_N=512, num_warps=2), dict(SPLIT_K=2 * sk), dict(SPLIT_K=max(1, sk // 2)), dict(BLOCK_K=512),
-        dict(BLOCK_K=128, SPLIT_K=2 * sk), dict(BLOCK_R=16) if base["BLOCK_R"] == 8 else dict(BLOCK_N=256))]
+        dict(BLOCK_N=256), dict(BLOCK_N=1024), dict(BLOCK_N=1024, num_warps=4), dict(BLOCK_N=256, num_warps=1),
+        dict(BLOCK_N=512, num_warps=1), dict(SPLIT_K=2 * sk), dict(SPLIT_K=max(1, sk // 2)),
+        dict(SPLIT_K=max(1, sk // 2), BLOCK_N=256), dict(BLOCK_K=512), dict(BLOCK_K=128),
+        dict(BLOCK_K=128, num_warps=1), dict(BLOCK_R=16) if base["BLOCK_R"] == 8 else dict(BLOCK_R=32))]
     return cands
 
 
