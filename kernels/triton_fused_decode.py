@@ -52,8 +52,8 @@ import triton.language as tl
 from kernels.metadata import MAX_SLICES, LoRABatchMeta, max_tiles
 from kernels.triton_expand import check_expand_args, lora_expand
 from kernels.triton_shrink import (
-    _shrink_tile, check_shrink_args, gdc_launch_dependents, gdc_wait, lora_shrink, one_token_config, pdl_args,
-    takes_one_token_tiles,
+    _shrink_tile, check_shrink_args, gdc_launch_dependents, gdc_wait, lora_shrink, num_sms, one_token_config,
+    pdl_args, takes_one_token_tiles,
 )
 
 FUSED_DECODE = True  # decode batches on one-token tiles take this kernel; the bench can clear it
@@ -190,11 +190,16 @@ def _lora_fused_decode_kernel(
 
 def fused_decode_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta: LoRABatchMeta,
                         device) -> dict:
-    """The shrink side as the pair's one-token configuration, but two warps a program (fewer
-    registers, more programs resident); expand programs take 512 columns."""
+    """The shrink side as the pair's one-token configuration, but with two warps a program (fewer
+    registers, more programs resident) and K split in two, not four, once shrink programs would
+    number over 8 per multiprocessor (the expand programs fill the machine too); expand programs
+    take 512 columns. From the H200 sweep (loadtest/results/kernel_tune_onelaunch_h200.json)."""
     shrink = one_token_config(num_tokens, n_slices, max_rank, h_in, device)
-    return dict(BLOCK_R=shrink["BLOCK_R"], BLOCK_K=shrink["BLOCK_K"], SPLIT_K=shrink["SPLIT_K"], BLOCK_N=512,
-                num_warps=2)
+    split, block_r = shrink["SPLIT_K"], shrink["BLOCK_R"]
+    programs = max(1, num_tokens) * n_slices * triton.cdiv(max_rank, block_r)
+    while split > 2 and programs * split > 8 * num_sms(device):
+        split //= 2
+    return dict(BLOCK_R=block_r, BLOCK_K=shrink["BLOCK_K"], SPLIT_K=split, BLOCK_N=512, num_warps=2)
 
 
 def lora_fused_decode(
