@@ -52,8 +52,8 @@ import triton.language as tl
 from kernels.metadata import MAX_SLICES, LoRABatchMeta, max_tiles
 from kernels.triton_expand import check_expand_args, lora_expand
 from kernels.triton_shrink import (
-    _shrink_tile, check_shrink_args, gdc_launch_dependents, gdc_wait, lora_shrink, num_sms, one_token_config,
-    pdl_args, takes_one_token_tiles,
+    PDL_MAX_TOKENS, _shrink_tile, check_shrink_args, gdc_launch_dependents, gdc_wait, lora_shrink, num_sms,
+    one_token_config, pdl_args, takes_one_token_tiles,
 )
 
 FUSED_DECODE = True  # decode batches on one-token tiles take this kernel; the bench can clear it
@@ -190,16 +190,18 @@ def _lora_fused_decode_kernel(
 
 def fused_decode_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta: LoRABatchMeta,
                         device) -> dict:
-    """The shrink side as the pair's one-token configuration, but with two warps a program (fewer
+    """The shrink side as the pair's one-token configuration, but with one warp a program (fewer
     registers, more programs resident) and K split in two, not four, once shrink programs would
     number over 8 per multiprocessor (the expand programs fill the machine too); expand programs
-    take 512 columns. From the H200 sweep (loadtest/results/kernel_tune_onelaunch_h200.json)."""
+    take 512 columns. From the H200 sweeps (loadtest/results/kernel_tune_onelaunch*_h200.json):
+    at T = 256, one warp against two, same split, o rank 16 26.8 -> 25.2 us, mixed 46.6 -> 43.8,
+    q/k/v rank 8 28.6 -> 27.1; halving the split where the rule does, o rank 64 104 -> 77 us."""
     shrink = one_token_config(num_tokens, n_slices, max_rank, h_in, device)
     split, block_r = shrink["SPLIT_K"], shrink["BLOCK_R"]
     programs = max(1, num_tokens) * n_slices * triton.cdiv(max_rank, block_r)
     while split > 2 and programs * split > 8 * num_sms(device):
         split //= 2
-    return dict(BLOCK_R=block_r, BLOCK_K=shrink["BLOCK_K"], SPLIT_K=split, BLOCK_N=512, num_warps=2)
+    return dict(BLOCK_R=block_r, BLOCK_K=shrink["BLOCK_K"], SPLIT_K=split, BLOCK_N=512, num_warps=1)
 
 
 def lora_fused_decode(
@@ -248,10 +250,21 @@ def lora_fused_decode(
     return y
 
 
+def takes_one_launch(num_tokens: int, meta: LoRABatchMeta) -> bool:
+    """Decode batches of more than PDL_MAX_TOKENS tokens on one-token tiles (FUSED_DECODE set).
+
+    Measured side by side on the H200 (loadtest/results/kernel_bench_onelaunch_h200.json): at
+    T = 256 the one launch beat the pair in all 8 cases (1.01-1.43x: o rank 8 23.4 -> 16.8 us,
+    q/k/v rank 8 40.9 -> 28.6 us); at T <= 16, where the pair overlaps its launches through
+    programmatic dependent launch, it lost in all 16 (0.50-0.95x); at T = 64 it won 4 of 8
+    (0.82-1.20x)."""
+    return FUSED_DECODE and num_tokens > PDL_MAX_TOKENS and takes_one_token_tiles(num_tokens, meta)
+
+
 def lora_apply(y, x, lora_a, lora_b, scales, meta, slot_ranks=None):
-    """The Triton LoRA op: decode batches on one-token tiles take the one-launch kernel (when
-    FUSED_DECODE is set), everything else the shrink/expand pair through an fp32 v."""
-    if FUSED_DECODE and takes_one_token_tiles(x.shape[0], meta):
+    """The Triton LoRA op: large decode batches on one-token tiles take the one-launch kernel
+    (`takes_one_launch`), everything else the shrink/expand pair through an fp32 v."""
+    if takes_one_launch(x.shape[0], meta):
         return lora_fused_decode(y, x, lora_a, lora_b, scales, meta, slot_ranks=slot_ranks)
     v = lora_shrink(x, lora_a, meta, slot_ranks=slot_ranks)
     return lora_expand(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)

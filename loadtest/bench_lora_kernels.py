@@ -304,7 +304,8 @@ def bench_case(proj, rank, name, device, copy_bw, pool, compare_no_pdl=False, co
 
 TUNE_CASES = [("o", 8, "decode-distinct-256"), ("o", 16, "decode-distinct-64"), ("qkv", 16, "decode-distinct-256"),
               ("o", "mixed", "decode-distinct-64"), ("o", 8, "decode-distinct-64"), ("qkv", 8, "decode-distinct-64"),
-              ("o", 64, "decode-distinct-256")]
+              ("o", 64, "decode-distinct-256"), ("o", 16, "decode-distinct-256"), ("o", "mixed", "decode-distinct-256"),
+              ("qkv", 8, "decode-distinct-256"), ("qkv", "mixed", "decode-distinct-256")]
 
 
 def fused_candidates(pool, pairs) -> list[dict]:
@@ -313,13 +314,10 @@ def fused_candidates(pool, pairs) -> list[dict]:
 
     p = pairs[0]
     base = fused_decode_config(p.x.shape[0], len(pool.widths), pool.max_rank, pool.h_in, p.meta, p.x.device)
-    sk = base["SPLIT_K"]
-    cands = [dict(base, **change) for change in (
-        dict(BLOCK_N=256), dict(BLOCK_N=1024), dict(BLOCK_N=1024, num_warps=4), dict(BLOCK_N=256, num_warps=1),
-        dict(BLOCK_N=512, num_warps=1), dict(SPLIT_K=2 * sk), dict(SPLIT_K=max(1, sk // 2)),
-        dict(SPLIT_K=max(1, sk // 2), BLOCK_N=256), dict(BLOCK_K=512), dict(BLOCK_K=128),
-        dict(BLOCK_K=128, num_warps=1), dict(BLOCK_R=16) if base["BLOCK_R"] == 8 else dict(BLOCK_R=32))]
-    return cands
+    cands = [dict(base, SPLIT_K=split, BLOCK_N=n, num_warps=w) for split in (2, 4, 8)
+             for n, w in ((512, 2), (1024, 2), (512, 1), (1024, 4))]
+    cands += [dict(base, BLOCK_K=512, SPLIT_K=4), dict(base, BLOCK_K=128), dict(base, BLOCK_N=256, num_warps=1)]
+    return [c for c in cands if c != base]
 
 
 def tune_configs(pool, pairs, kinds=("shrink", "expand", "fused")):
@@ -352,7 +350,7 @@ def tune_configs(pool, pairs, kinds=("shrink", "expand", "fused")):
     results = [dict(kernel=kind, config="default", us=time_pairs(ours(pool, parts=(kind,)), pairs), ok=True)
                for kind in ("shrink", "expand") if kind in kinds]
     if fused and "fused" in kinds:
-        results.append(dict(kernel="fused", config="default", us=time_pairs(ours(pool), pairs), ok=True))
+        results.append(dict(kernel="fused", config="default", us=time_pairs(fused_decode(pool, None), pairs), ok=True))
         results.append(dict(kernel="fused", config="pair", us=time_pairs(ours(pool, {}, {}), pairs), ok=True))
     for kind, cands in (("shrink", shrink), ("expand", expand), ("fused", fused)):
         if kind not in kinds:
@@ -387,7 +385,7 @@ def tune(args, device) -> int:
     """--tune: the configuration sweep on the key cases, no baselines; JSON kernel_tune_h200.json."""
     report = []
     for proj, rank, name in TUNE_CASES:
-        if args.only and args.only not in f"{proj}/{rank}/{name}":
+        if args.only and not any(part in f"{proj}/{rank}/{name}" for part in args.only.split(",")):
             continue
         pool = Pool(*PROJECTIONS[proj], rank, NUM_SLOTS, device)
         pairs = pairs_for(pool, name, device)[0]

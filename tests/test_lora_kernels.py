@@ -203,7 +203,7 @@ def test_one_launch_decode(popularity, rank, num_tokens, dtype, proj):
 
 def test_one_launch_decode_default_config_and_routing():
     """The default configuration (one wide column block, split K at the default model's widths),
-    and the Triton lora_apply sending distinct batches to one launch and shared ones to the pair."""
+    and the Triton lora_apply sending large distinct batches to one launch, others to the pair."""
     from kernels import triton_fused_decode
 
     gen = torch.Generator().manual_seed(31)
@@ -214,13 +214,15 @@ def test_one_launch_decode_default_config_and_routing():
     original = triton_fused_decode.lora_fused_decode
     try:
         triton_fused_decode.lora_fused_decode = lambda *args, **kw: calls.append(1) or original(*args, **kw)
-        for popularity, expected in (("distinct", [1]), ("identical", [])):
+        # over PDL_MAX_TOKENS (64) distinct tokens: one launch; a long run of one adapter, or a
+        # small batch: the pair
+        for popularity, num_tokens, expected in (("distinct", 70, [1]), ("identical", 70, []), ("distinct", 9, [])):
             calls.clear()
-            slots = make_slots(popularity, 9, 12, gen, base_share=0.0)
-            a_ref, b_ref, a, b, scales, ranks = make_pool(12, 64, (64,), rank_table(8, 12, 1, gen), torch.float16, gen)
+            slots = make_slots(popularity, num_tokens, 72, gen, base_share=0.0)
+            a_ref, b_ref, a, b, scales, ranks = make_pool(72, 32, (32,), rank_table(8, 72, 1, gen), torch.float16, gen)
             meta = LoRABatchMeta.build(slots, DEVICE)
-            x = torch.randn(9, 64, generator=device_generator(gen), device=DEVICE).to(torch.float16)
-            y = torch.zeros(9, 64, dtype=torch.float16, device=DEVICE)
+            x = torch.randn(num_tokens, 32, generator=device_generator(gen), device=DEVICE).to(torch.float16)
+            y = torch.zeros(num_tokens, 32, dtype=torch.float16, device=DEVICE)
             triton_fused_decode.lora_apply(y, x, a, b, scales, meta, ranks)
             y_ref = lora_expand_reference(torch.zeros_like(y), lora_shrink_reference(x, a_ref, meta), b_ref, scales, meta)
             torch.testing.assert_close(y, y_ref, rtol=5e-3, atol=5e-3)
