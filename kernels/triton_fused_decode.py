@@ -190,18 +190,22 @@ def _lora_fused_decode_kernel(
 
 def fused_decode_config(num_tokens: int, n_slices: int, max_rank: int, h_in: int, meta: LoRABatchMeta,
                         device) -> dict:
-    """The shrink side as the pair's one-token configuration, but with one warp a program (fewer
-    registers, more programs resident) and K split in two, not four, once shrink programs would
-    number over 8 per multiprocessor (the expand programs fill the machine too); expand programs
-    take 512 columns. From the H200 sweeps (loadtest/results/kernel_tune_onelaunch*_h200.json):
-    at T = 256, one warp against two, same split, o rank 16 26.8 -> 25.2 us, mixed 46.6 -> 43.8,
-    q/k/v rank 8 28.6 -> 27.1; halving the split where the rule does, o rank 64 104 -> 77 us."""
+    """The shrink side as the pair's one-token configuration, but with fewer warps a program
+    (more programs resident) and K split in two, not four, once shrink programs would number
+    over 8 per multiprocessor (the expand programs fill the machine too); expand programs take
+    512 columns. One warp while one chunk holds every rank (max_rank <= 16); above, the expand's
+    rank loop holds two (16, 512) tiles of B, too many registers for one warp, so two. From the
+    H200 sweeps (loadtest/results/kernel_tune_onelaunch*_h200.json and the two bench runs in
+    loadtest/results/README.md): at T = 256, one warp against two, o rank 16 27.2 -> 25.1 us,
+    q/k/v rank 8 28.6 -> 27.2, but q/k/v mixed 90.4 -> 107.1 and rank 64 159.4 -> 168.9;
+    halving the split where the rule does, o rank 64 104 -> 77 us."""
     shrink = one_token_config(num_tokens, n_slices, max_rank, h_in, device)
     split, block_r = shrink["SPLIT_K"], shrink["BLOCK_R"]
     programs = max(1, num_tokens) * n_slices * triton.cdiv(max_rank, block_r)
     while split > 2 and programs * split > 8 * num_sms(device):
         split //= 2
-    return dict(BLOCK_R=block_r, BLOCK_K=shrink["BLOCK_K"], SPLIT_K=split, BLOCK_N=512, num_warps=1)
+    return dict(BLOCK_R=block_r, BLOCK_K=shrink["BLOCK_K"], SPLIT_K=split, BLOCK_N=512,
+                num_warps=1 if max_rank <= block_r else 2)
 
 
 def lora_fused_decode(
