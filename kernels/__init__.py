@@ -3,8 +3,8 @@ and its two halves `lora_shrink` (x -> x A^T) and `lora_expand` (y += scale * v 
 
 On CUDA tensors (with triton installed) these are the Triton kernels of `triton_shrink.py` and
 `triton_expand.py`, and `lora_apply` is either that pair (v passing through an fp32 buffer) or,
-for decode batches whose tokens mostly have adapters of their own, the one-launch kernel of
-`triton_fused_decode.py`; elsewhere they are the plain-PyTorch references of
+for decode batches of more than 64 tokens that mostly have adapters of their own, the
+one-launch kernel of `triton_fused_decode.py`; elsewhere they are the plain-PyTorch references of
 `lora_reference.py`, the test oracle, behind the same signatures. `slot_ranks` ((num_slots, n_slices)
 int32 on the device, optional) lets the Triton kernels read and compute only each slot's true
 rank; the references ignore it, being exact through the pool's zero padding. The Triton modules

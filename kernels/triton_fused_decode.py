@@ -38,7 +38,8 @@ both sides, consistently, since both read the same rank.
 Under programmatic dependent launch every program first waits for the previous kernel (and
 with it, that kernel's counter resets), then draws its ticket. CUDA graphs: the grid depends
 only on T, the slot count, the widths and the configuration. Only one-token tiles (tile size
-1 of the metadata): batches where tokens share adapters take the pair (see `lora_apply`).
+1 of the metadata): batches where tokens share adapters, and batches of up to 64 tokens (where
+the pair overlaps its launches and measured faster), take the pair (see `takes_one_launch`).
 """
 
 from __future__ import annotations
