@@ -1,14 +1,15 @@
 """Benchmark the Triton LoRA shrink+expand pair against two PyTorch baselines on one GPU.
 
-    python3 loadtest/bench_lora_kernels.py [--out DIR] [--only SUBSTRING] [--tune] [--dry-run] [--no-pdl]
-                                           [--compare-no-pdl]
+    python3 loadtest/bench_lora_kernels.py [--out DIR] [--only SUBSTRING] [--tune [--tune-kinds K]] [--dry-run]
+                                           [--no-pdl] [--compare-no-pdl] [--compare-tiles16] [--compare-pair]
 
 Measures the device copy bandwidth, then for Llama-3-8B shapes (a 4096 -> 4096 projection,
 and the fused q/k/v 4096 -> 4096/1024/1024), ranks 8, 16, 64 and a mixed pool (ranks 8/16/64
 by slot, max_rank 64), times: decode with T = 1, 16, 64, 256 tokens each on its own adapter,
 decode with 256 tokens over Zipf-shared adapters, and prefill of 8 sequences x 512 tokens over
-8 adapters. Methods: ours (kernels/triton_shrink.py + triton_expand.py), (a) gather the adapters'
-weights per token then torch.bmm, (b) a loop of per-adapter cuBLAS matmuls (rank-exact
+8 adapters. Methods: ours (the Triton `lora_apply` of kernels/triton_fused_decode.py: the
+shrink/expand pair, or one launch for distinct decode over 64 tokens; `--compare-pair` also
+times the pair there), (a) gather the adapters' weights per token then torch.bmm, (b) a loop of per-adapter cuBLAS matmuls (rank-exact
 slices, contiguous segments as views, host-side scales: its best case).
 
 Every figure is the median over replays of a CUDA graph holding several shrink+expand pairs,
