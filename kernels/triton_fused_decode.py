@@ -53,13 +53,11 @@ import triton.language as tl
 from kernels.metadata import MAX_SLICES, LoRABatchMeta, max_tiles
 from kernels.triton_expand import check_expand_args, lora_expand
 from kernels.triton_shrink import (
-    PDL_MAX_TOKENS, _shrink_tile, check_shrink_args, gdc_launch_dependents, gdc_wait, lora_shrink, num_sms,
-    one_token_config, pdl_args, takes_one_token_tiles,
+    _COUNTER_SLICES, PDL_MAX_TOKENS, _shrink_tile, check_shrink_args, gdc_launch_dependents, gdc_wait, lora_shrink,
+    num_sms, one_token_config, pdl_args, takes_one_token_tiles,
 )
 
 FUSED_DECODE = True  # decode batches on one-token tiles take this kernel; the bench can clear it
-
-_COUNTER_SLICES = tl.constexpr(MAX_SLICES)
 
 
 @triton.jit
@@ -226,8 +224,8 @@ def lora_fused_decode(
     n_slices = len(lora_a)
     num_tokens, h_in = x.shape
     num_slots, max_rank, _ = lora_a[0].shape
-    if y.shape[0] != num_tokens or len(lora_b) != n_slices or lora_b[0].shape[2] != max_rank:
-        raise ValueError("x, y, lora_a and lora_b must agree on tokens, slices and max_rank")
+    if len(lora_b) != n_slices or lora_b[0].shape[2] != max_rank:  # tokens: both checks hold meta to them
+        raise ValueError("lora_a and lora_b must agree on slices and max_rank")
     if num_tokens == 0:
         return y
     cfg = dict(config or fused_decode_config(num_tokens, n_slices, max_rank, h_in, meta, x.device))

@@ -201,7 +201,7 @@ def test_one_launch_decode(popularity, rank, num_tokens, dtype, proj):
     check(slots, h_in, widths, ranks, dtype, gen, rank_major=True, fused_cfg=cfg)
 
 
-def test_one_launch_decode_default_config_and_routing():
+def test_one_launch_decode_default_config_and_routing(monkeypatch):
     """The default configuration (one wide column block, split K at the default model's widths),
     and the Triton lora_apply sending large distinct batches to one launch, others to the pair."""
     from kernels import triton_fused_decode
@@ -212,23 +212,21 @@ def test_one_launch_decode_default_config_and_routing():
           fused_cfg="default")
     calls = []
     original = triton_fused_decode.lora_fused_decode
-    try:
-        triton_fused_decode.lora_fused_decode = lambda *args, **kw: calls.append(1) or original(*args, **kw)
-        # over PDL_MAX_TOKENS (64) distinct tokens: one launch; a long run of one adapter, or a
-        # small batch: the pair
-        for popularity, num_tokens, expected in (("distinct", 70, [1]), ("identical", 70, []), ("distinct", 9, [])):
-            calls.clear()
-            slots = make_slots(popularity, num_tokens, 72, gen, base_share=0.0)
-            a_ref, b_ref, a, b, scales, ranks = make_pool(72, 32, (32,), rank_table(8, 72, 1, gen), torch.float16, gen)
-            meta = LoRABatchMeta.build(slots, DEVICE)
-            x = torch.randn(num_tokens, 32, generator=device_generator(gen), device=DEVICE).to(torch.float16)
-            y = torch.zeros(num_tokens, 32, dtype=torch.float16, device=DEVICE)
-            triton_fused_decode.lora_apply(y, x, a, b, scales, meta, ranks)
-            y_ref = lora_expand_reference(torch.zeros_like(y), lora_shrink_reference(x, a_ref, meta), b_ref, scales, meta)
-            torch.testing.assert_close(y, y_ref, rtol=5e-3, atol=5e-3)
-            assert calls == expected, popularity
-    finally:
-        triton_fused_decode.lora_fused_decode = original
+    monkeypatch.setattr(triton_fused_decode, "lora_fused_decode",
+                        lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    # over PDL_MAX_TOKENS (64) distinct tokens: one launch; a long run of one adapter, or a
+    # small batch: the pair
+    for popularity, num_tokens, expected in (("distinct", 70, [1]), ("identical", 70, []), ("distinct", 9, [])):
+        calls.clear()
+        slots = make_slots(popularity, num_tokens, 72, gen, base_share=0.0)
+        a_ref, b_ref, a, b, scales, ranks = make_pool(72, 32, (32,), rank_table(8, 72, 1, gen), torch.float16, gen)
+        meta = LoRABatchMeta.build(slots, DEVICE)
+        x = torch.randn(num_tokens, 32, generator=device_generator(gen), device=DEVICE).to(torch.float16)
+        y = torch.zeros(num_tokens, 32, dtype=torch.float16, device=DEVICE)
+        triton_fused_decode.lora_apply(y, x, a, b, scales, meta, ranks)
+        y_ref = lora_expand_reference(torch.zeros_like(y), lora_shrink_reference(x, a_ref, meta), b_ref, scales, meta)
+        torch.testing.assert_close(y, y_ref, rtol=5e-3, atol=5e-3)
+        assert calls == expected, popularity
 
 
 def test_decode_shrink_takes_one_token_tiles_only_when_adapters_are_mostly_distinct(monkeypatch):
