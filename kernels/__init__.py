@@ -56,4 +56,28 @@ def lora_expand(y, v, lora_b, scales, meta, slot_ranks=None):
     return lora_expand_reference(y, v, lora_b, scales, meta)
 
 
-__all__ = ["LoRABatchMeta", "lora_apply", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference"]
+def write_kv(k_cache, v_cache, slot_mapping, k, v):
+    """k_cache.flat[slot_mapping[t]] = k[t] (and v) for every token t with a slot >= 0."""
+    from kernels.triton_kv_write import write_kv as triton_write, write_kv_reference
+
+    if k.is_cuda and _triton_ops() is not None:
+        return triton_write(k_cache, v_cache, slot_mapping, k, v)
+    return write_kv_reference(k_cache, v_cache, slot_mapping, k, v)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, scale,
+                    sliding_window=None, out=None):
+    """Causal attention of each sequence's query tokens over its paged keys/values (Triton on CUDA)."""
+    if q.is_cuda and _triton_ops() is not None:
+        from kernels.triton_attention import paged_attention as triton_attention
+
+        return triton_attention(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len,
+                                scale, sliding_window, out)
+    from kernels.attention_reference import paged_attention_reference
+
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len,
+                                     scale, sliding_window, out)
+
+
+__all__ = ["LoRABatchMeta", "lora_apply", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
+           "paged_attention", "write_kv"]

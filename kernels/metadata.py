@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 TILE_SIZES = (1, 16, 64)  # token-tile heights the kernels may choose between (1: one token, GEMV)
@@ -105,9 +106,10 @@ class LoRABatchMeta:
         host, sorted_idx, groups = _pack(token_slots, self.capacity)
         device = self.packed.device
         pin = device.type == "cuda"
-        src32 = torch.tensor(host, dtype=torch.int32)
-        src64 = torch.tensor(sorted_idx + [0] * (self.capacity - num_tokens), dtype=torch.int64)
-        if pin:
+        src32 = torch.from_numpy(host)
+        src64 = torch.zeros(self.capacity, dtype=torch.int64)
+        src64[:num_tokens] = torch.from_numpy(sorted_idx)
+        if pin:  # PyTorch's pinned-memory cache reuses these buffers once their copies are done
             src32, src64 = src32.pin_memory(), src64.pin_memory()
         self.packed.copy_(src32, non_blocking=pin)
         self._sorted64.copy_(src64, non_blocking=pin)
@@ -133,41 +135,53 @@ def _packed_len(capacity: int) -> int:
 
 def _views(packed: torch.Tensor, capacity: int) -> list[torch.Tensor]:
     """token_slots, sorted_tokens, group_slot, group_start, group_count, num_groups, tiles..."""
-    sizes = [capacity, capacity, capacity + 1, capacity + 1, capacity + 1, 1]
-    sizes += [3 * capacity] * len(TILE_SIZES)
-    out, offset = [], 1  # packed[0] is a spare header word
-    for n in sizes:
-        out.append(packed[offset : offset + n])
-        offset += n
+    out = [packed[region] for region in _region_slices(capacity)]  # packed[0] is a spare header word
     return out[:6] + [t.view(capacity, 3) for t in out[6:]]
 
 
-def _pack(token_slots: list[int], capacity: int) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
-    """Host-side contents of the packed buffer, the sorted token order and the groups."""
-    by_slot: dict[int, list[int]] = {}
-    for t, s in enumerate(token_slots):
-        by_slot.setdefault(s if s >= 0 else -1, []).append(t)
-    order = sorted(s for s in by_slot if s >= 0) + ([-1] if -1 in by_slot else [])
-    sorted_idx: list[int] = []
-    groups: list[tuple[int, int, int]] = []
-    for s in order:
-        groups.append((s, len(sorted_idx), len(by_slot[s])))
-        sorted_idx.extend(by_slot[s])
+def _pack(token_slots: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+    """Host-side contents of the packed buffer (int32), the sorted token order and the groups
+    (slot, start in the sorted order, count): numpy, since this runs every step on the host."""
+    slots = np.asarray(token_slots, dtype=np.int64).reshape(-1)
+    slots = np.where(slots >= 0, slots, -1)
+    key = np.where(slots >= 0, slots, np.iinfo(np.int64).max)  # slot -1 sorts last
+    sorted_idx = np.argsort(key, kind="stable")  # token indices grouped by slot, in order within a slot
+    group_slot, group_start, group_count = np.unique(slots[sorted_idx] if len(slots) else slots,
+                                                     return_index=True, return_counts=True)
+    order = np.argsort(np.where(group_slot >= 0, group_slot, np.iinfo(np.int64).max), kind="stable")
+    group_slot, group_start, group_count = group_slot[order], group_start[order], group_count[order]
+    num_groups = len(group_slot)
 
-    def padded(values: list[int], size: int, fill: int) -> list[int]:
-        return values + [fill] * (size - len(values))
-
-    host = [0]
-    host += padded([int(s) for s in token_slots], capacity, -1)
-    host += padded(sorted_idx, capacity, 0)
-    host += padded([g[0] for g in groups], capacity + 1, -1)
-    host += padded([g[1] for g in groups], capacity + 1, 0)
-    host += padded([g[2] for g in groups], capacity + 1, 0)
-    host += [len(groups)]
-    for bt in TILE_SIZES:
-        rows: list[int] = []
-        for slot, start, n in groups:
-            for off in range(0, n, bt):
-                rows += [slot, start + off, min(bt, n - off)]
-        host += rows + [-1, 0, 0] * (capacity - len(rows) // 3)
+    host = np.zeros(_packed_len(capacity), dtype=np.int32)
+    regions = _region_slices(capacity)
+    host[regions[0]] = -1
+    host[regions[0]][: len(slots)] = slots
+    host[regions[1]][: len(slots)] = sorted_idx
+    host[regions[2]] = -1
+    host[regions[2]][:num_groups] = group_slot
+    host[regions[3]][:num_groups] = group_start
+    host[regions[4]][:num_groups] = group_count
+    host[regions[5]] = num_groups
+    for bt, region in zip(TILE_SIZES, regions[6:]):
+        rows = host[region].reshape(capacity, 3)  # (slot, start, count) per tile
+        rows[:, 0] = -1
+        tiles_per_group = -(-group_count // bt)
+        num_tiles = int(tiles_per_group.sum())
+        group_of_tile = np.repeat(np.arange(num_groups), tiles_per_group)
+        first_tile = np.repeat(np.cumsum(tiles_per_group) - tiles_per_group, tiles_per_group)
+        offset = (np.arange(num_tiles) - first_tile) * bt  # token offset of the tile within its group
+        rows[:num_tiles, 0] = group_slot[group_of_tile]
+        rows[:num_tiles, 1] = group_start[group_of_tile] + offset
+        rows[:num_tiles, 2] = np.minimum(bt, group_count[group_of_tile] - offset)
+    groups = [(int(s), int(a), int(n)) for s, a, n in zip(group_slot, group_start, group_count)]
     return host, sorted_idx, groups
+
+
+def _region_slices(capacity: int) -> list[slice]:
+    """Where each region of `_views` lies in the packed buffer."""
+    sizes = [capacity, capacity, capacity + 1, capacity + 1, capacity + 1, 1] + [3 * capacity] * len(TILE_SIZES)
+    out, offset = [], 1
+    for n in sizes:
+        out.append(slice(offset, offset + n))
+        offset += n
+    return out
