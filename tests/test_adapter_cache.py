@@ -1,13 +1,15 @@
 """The tiered adapter cache over a real store of peft-saved adapters and a real (tiny, CPU) pool.
 
 The oracle for weights is the safetensors file peft wrote, read directly (not our parser), and the
-LoraConfig's alpha / r. Timing is controlled by gating `store.read_files`; every wait has a deadline.
+LoraConfig's alpha / r. Timing is controlled by gating `store.open_verified` (every disk read of an
+adapter goes through it); every wait has a deadline.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -78,7 +80,7 @@ class Rig:
     cache: AdapterCache
     model: LlamaModel
     store: AdapterStore
-    reads: list  # (customer, version) of every store.read_files call
+    reads: list  # (customer, version) of every store.open_verified call
 
 
 @pytest.fixture
@@ -96,13 +98,13 @@ def make_rig(tmp_path, adapters):
                              **kwargs)
         caches.append(cache)
         reads = []
-        read_files = store.read_files
+        open_verified = store.open_verified
 
         def counted(record):
             reads.append((record.customer_id, record.version))
-            return read_files(record)
+            return open_verified(record)
 
-        store.read_files = counted
+        store.open_verified = counted
         return Rig(cache, model, store, reads)
 
     yield make
@@ -220,15 +222,15 @@ def test_single_flight_load_does_not_block_other_adapters(make_rig):
     rig = make_rig(loader_threads=2)
     cache = rig.cache
     gate, a_reading = threading.Event(), threading.Event()
-    read_files = rig.store.read_files
+    open_verified = rig.store.open_verified
 
     def gated(record):
         if record.customer_id == "a":
             a_reading.set()
             assert gate.wait(WAIT_S)
-        return read_files(record)
+        return open_verified(record)
 
-    rig.store.read_files = gated
+    rig.store.open_verified = gated
     start, answers = threading.Barrier(16), []
 
     def ask():
@@ -366,3 +368,55 @@ def test_adapter_larger_than_the_host_budget_still_loads(make_rig, adapters, sma
     assert_slot_holds(rig.model, slot, adapters["big"].expected)
     cache.unpin(BIG)
     assert cache.state(BIG) is AdapterState.ON_DEVICE
+
+
+def test_disk_loads_hash_a_file_once_and_catch_a_change_on_disk(make_rig, adapters, small_nbytes, monkeypatch):
+    from server.lora import store as store_module
+
+    monkeypatch.setattr(store_module, "_RACY_NS", 0)  # trust a checked stamp at once (no second's wait)
+    hashed = []
+    real_sha256 = store_module._sha256_of
+    monkeypatch.setattr(store_module, "_sha256_of", lambda fd, size: hashed.append(size) or real_sha256(fd, size))
+    rig = make_rig(customers=("a", "b"), host_bytes=int(1.5 * small_nbytes))  # the host tier holds one
+    cache = rig.cache
+    for key in (A, B, A, B):  # each load evicts the other from host RAM: four disk loads
+        assert wait_ready(cache, key) == "ready"
+    assert rig.reads == [A, B, A, B] and len(hashed) == 2  # each file hashed on its first load only
+
+    record = rig.store.get_version("a", 1)
+    damaged = bytearray(adapters["a"].weights)
+    damaged[-1] ^= 0xFF  # modified on disk after start-up: same size, another mtime
+    record.weights_path.write_bytes(bytes(damaged))
+    os.utime(record.weights_path, ns=(1, 1))
+    assert wait_ready(cache, A) == "failed" and "sha256" in cache.error(A)
+    assert len(hashed) == 3 and cache.state(A) is AdapterState.FAILED
+
+
+def test_host_budget_defaults_to_a_quarter_of_available_memory_and_the_variable_overrides_it(monkeypatch):
+    from server import config
+
+    monkeypatch.setattr(config, "available_memory_bytes", lambda: 64 << 30)
+    assert config.Settings().host_cache_bytes == 16 << 30
+    assert config.Settings.from_env({}).host_cache_bytes == 16 << 30
+    assert config.Settings.from_env({"LORAPLEX_HOST_CACHE_BYTES": "123456789"}).host_cache_bytes == 123456789
+    assert config.Settings.from_env({}, host_cache_bytes=5).host_cache_bytes == 5  # the CLI flag
+    monkeypatch.setattr(config, "available_memory_bytes", lambda: None)  # unknown: the old fixed default
+    assert config.Settings().host_cache_bytes == 2 << 30
+
+
+def test_available_memory_is_what_the_kernel_reports_capped_by_the_cgroup():
+    from server.config import available_memory_bytes
+
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    mem_available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    available = available_memory_bytes()
+    assert 0 < available <= mem_available * 1.1  # read separately: it may move a little between reads
+
+
+def test_page_locked_adapters_count_as_the_allocator_holds_them():
+    """PyTorch's page-locked allocator rounds each block up to a power of two: the host tier counts that."""
+    from server.lora.cache import host_bytes_held
+
+    adapter = type("Sized", (), {"nbytes": 80_000_000})()
+    assert host_bytes_held(adapter, page_locked=True) == 128 << 20
+    assert host_bytes_held(adapter, page_locked=False) == 80_000_000

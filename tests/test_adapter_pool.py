@@ -1,7 +1,9 @@
 """The device pool's slot contents, checked against the adapter's own tensors."""
 
+import pytest
 import torch
 
+from kernels.metadata import LoRABatchMeta
 from server.lora.pool import PROJECTION_SLICES, AdapterPool
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
@@ -46,3 +48,114 @@ def test_packed_adapter_is_one_buffer_with_identical_values():
         assert packed.modules[key].lora_a.data_ptr() >= packed.buffer.data_ptr()
         torch.testing.assert_close(packed.modules[key].lora_a, m.lora_a, rtol=0, atol=0)
         torch.testing.assert_close(packed.modules[key].lora_b, m.lora_b, rtol=0, atol=0)
+
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _model_pair(seed: int = 0):
+    """Two models with the same random base weights, each to carry its own pool."""
+    cfg = ModelConfig.from_hf_dict({**TINY_CONFIGS["llama-gqa"]().to_dict(), "architectures": ["LlamaForCausalLM"]})
+    torch.manual_seed(seed)
+    model = LlamaModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    twin = LlamaModel(cfg)
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def _mixed_ranks(config, seed: int):
+    """q,k,v,o at rank 6 and down_proj at rank 3 in layer 0 only: groups with runs of different ranks."""
+    a = random_adapter(config, rank=6, seed=seed, modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    b = random_adapter(config, rank=3, seed=seed + 1, modules=("down_proj",))
+    modules = {**a.modules, **{k: m for k, m in b.modules.items() if k[0] == 0}}
+    return type(a)(rank=6, alpha=a.alpha, use_rslora=False, target_modules=a.target_modules + ("down_proj",),
+                   modules=modules)
+
+
+def _slot_state(model, slot: int) -> list[torch.Tensor]:
+    out = []
+    for _, _, proj in model.projections():
+        out += [t[slot] for t in (*proj.lora.lora_a, *proj.lora.lora_b)]
+        out += [proj.lora.scales[slot], proj.lora.slot_ranks[slot]]
+    return out
+
+
+@pytest.mark.parametrize("history", [
+    ("wide",),  # rank 8 on all seven, then rank 2 on v_proj alone: rows to zero
+    ("narrow",),  # the same footprint again: nothing to zero
+    ("mixed", "wide"),
+    ("wide", "failed"),  # a load that failed half-way leaves the slot unknown: zeroed whole
+    ("wide", "cleared"),
+])
+def test_reused_slot_equals_a_fresh_pool_and_the_reference(history, monkeypatch):
+    reused_model, fresh_model = _model_pair()
+    cfg = reused_model.config
+    reused = AdapterPool(reused_model, num_slots=3, max_rank=8)
+    fresh = AdapterPool(fresh_model, num_slots=3, max_rank=8)
+    tenants = {"wide": random_adapter(cfg, rank=8, seed=1, modules=ALL),
+               "narrow": random_adapter(cfg, rank=2, seed=5, modules=("v_proj",)),
+               "mixed": _mixed_ranks(cfg, seed=3)}
+    neighbour = random_adapter(cfg, rank=4, seed=9, modules=ALL)
+    reused.load(2, neighbour)
+    fresh.load(2, neighbour)
+    for step in history:
+        if step == "failed":
+            with pytest.raises(RuntimeError, match="simulated"):
+                _failing_load(reused, tenants["mixed"], monkeypatch)
+        elif step == "cleared":
+            reused.clear(1)
+        else:
+            reused.load(1, tenants[step])
+    newcomer = tenants["narrow"]
+    reused.load(1, newcomer)
+    fresh.load(1, newcomer)
+
+    for a, b in zip(_slot_state(reused_model, 1) + _slot_state(reused_model, 2),
+                    _slot_state(fresh_model, 1) + _slot_state(fresh_model, 2)):
+        assert torch.equal(a, b)
+    # and the same outputs, equal to an fp64 oracle from the adapters' own tensors
+    meta = LoRABatchMeta.build([1, 1, 2, -1, 1])
+    for (layer, name, proj), (_, _, twin) in zip(reused_model.projections(), fresh_model.projections()):
+        xin = torch.randn(5, proj.weight.shape[1])
+        y = proj(xin, meta)
+        assert torch.equal(y, twin(xin, meta))
+        expected = xin.double() @ proj.weight.double().t()
+        for t, slot in enumerate([1, 1, 2, -1, 1]):
+            adapter = {1: newcomer, 2: neighbour}.get(slot)
+            deltas = []
+            for module, width in zip(PROJECTION_SLICES[name], proj.out_sizes):
+                w = adapter.modules.get((layer, module)) if adapter else None
+                deltas.append(torch.zeros(width, dtype=torch.float64) if w is None else
+                              w.scale * (xin[t].double() @ w.lora_a.double().t()) @ w.lora_b.double().t())
+            expected[t] += torch.cat(deltas)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _failing_load(pool, adapter, monkeypatch):
+    """A load whose row copies fail after the slot's old rows were (partly) overwritten."""
+    real, calls = torch.Tensor.index_copy_, []
+
+    def flaky(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure mid-load")
+        return real(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "index_copy_", flaky)
+        pool.load(1, adapter)
+
+
+def test_a_plan_is_made_once_per_adapter_and_pool():
+    """Later loads reuse it; it addresses the adapter's own rows, not the slot's max_rank."""
+    model = _model()
+    pool = AdapterPool(model, num_slots=2, max_rank=8)
+    adapter = random_adapter(model.config, rank=4, seed=2, modules=ALL).packed()
+    plan = pool.plan(adapter)
+    pool.load(0, adapter)
+    pool.load(1, adapter)
+    assert pool.plan(adapter) is plan and len(adapter.plans) == 1
+    assert plan.rows.numel() == 2 * 4 * len(adapter.modules)  # rank rows of A and of B^T per module

@@ -309,3 +309,91 @@ def test_prune_removes_only_unused_non_current_versions(tmp_path, adapters):
     store.delete("acme")
     assert store.prune("acme", keep=set()) == [4]
     assert not list((tmp_path / "acme").glob("v*")) and store.prune("nobody", keep=set()) == []
+
+
+@pytest.fixture
+def count_hashes(monkeypatch):
+    """Counts the weights files the store hashes (its sha256 over a file)."""
+    from server.lora import store as store_module
+
+    hashed = []
+    real = store_module._sha256_of
+
+    def counting(fd, size):
+        hashed.append(size)
+        return real(fd, size)
+
+    monkeypatch.setattr(store_module, "_sha256_of", counting)
+    return hashed
+
+
+def _open(store, record) -> bytes:
+    with store.open_verified(record) as files:
+        return files.config + os.pread(files.weights_fd, files.weights_size, 0)
+
+
+def _rewrite(path: Path, data: bytes, mtime_ns: int) -> None:
+    """Write the file in place and give it an mtime of our choosing (a real rewrite moves it too,
+    but within one tick of a coarse filesystem clock it might not: the test would be flaky)."""
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_weights_are_hashed_once_then_trusted_until_they_change(tmp_path, adapters, count_hashes, monkeypatch):
+    from server.lora import store as store_module
+
+    monkeypatch.setattr(store_module, "_RACY_NS", 0)  # trust a stamp at once: the test need not wait a second
+    store = AdapterStore(tmp_path)
+    config, weights = adapters["qv"]
+    record = store.put("acme", config, weights, validate)
+    for _ in range(3):
+        assert _open(store, record) == config + weights
+    assert len(count_hashes) == 1  # the first load after the upload; the later ones trust the stamp
+
+    changed = bytearray(weights)
+    changed[-1] ^= 0xFF  # same size, different bytes, another mtime: modified on disk after start-up
+    mtime = record.weights_path.stat().st_mtime_ns
+    _rewrite(record.weights_path, bytes(changed), mtime - 10**9)
+    for _ in range(2):  # detected, and never trusted while it does not match
+        with pytest.raises(AdapterStoreCorrupt, match="sha256"):
+            _open(store, record)
+    assert len(count_hashes) == 3
+
+    _rewrite(record.weights_path, weights, mtime - 2 * 10**9)  # repaired: verified again, then trusted
+    assert _open(store, record) == config + weights and _open(store, record) == config + weights
+    assert len(count_hashes) == 4
+
+    restarted = AdapterStore(tmp_path)  # a new process: each file is hashed once again
+    assert _open(restarted, record) == config + weights and _open(restarted, record) == config + weights
+    assert len(count_hashes) == 5
+
+
+def test_a_file_changed_within_the_racy_window_is_hashed_every_time(tmp_path, adapters, count_hashes, monkeypatch):
+    from server.lora import store as store_module
+
+    monkeypatch.setattr(store_module, "_RACY_NS", 3600 * 10**9)  # every file counts as just written
+    store = AdapterStore(tmp_path)
+    record = store.put("acme", *adapters["qv"], validate)
+    for _ in range(3):
+        _open(store, record)
+    assert len(count_hashes) == 3
+
+
+def test_open_verified_checks_sizes_every_time_and_a_change_while_reading(tmp_path, adapters, monkeypatch):
+    from server.lora import store as store_module
+
+    monkeypatch.setattr(store_module, "_RACY_NS", 0)
+    store = AdapterStore(tmp_path)
+    config, weights = adapters["qv"]
+    record = store.put("acme", config, weights, validate)
+    _open(store, record)  # verified and trusted
+    record.config_path.write_bytes(config + b" ")  # the size check needs no hash
+    with pytest.raises(AdapterStoreCorrupt, match="differs from metadata"):
+        _open(store, record)
+    record.config_path.write_bytes(config)
+    with pytest.raises(AdapterStoreCorrupt, match="changed while being read"):
+        with store.open_verified(record):
+            _rewrite(record.weights_path, weights, record.weights_path.stat().st_mtime_ns - 10**9)
+    record.weights_path.unlink()
+    with pytest.raises(AdapterStoreCorrupt, match="missing"):
+        _open(store, record)

@@ -6,14 +6,21 @@ new key, requests already on the old key finish on the old weights.
 
 States of one key (`state(key)`; when a key is both in host RAM and on the device, ON_DEVICE):
 
-    ON_DISK --prepare--> LOADING --read, sha256, parse--> IN_HOST --pin--> ON_DEVICE
+    ON_DISK --prepare--> LOADING --read, check, pack--> IN_HOST --pin--> ON_DEVICE
        ^                    | any error                     |                 |
        |                    v                               | host LRU        | device LRU (unpinned only),
        +---- expiry ----- FAILED                            | eviction        | release_old_versions, forget
        +----------------------------------------------------+-----------------+
 
-- Host tier: `cachetools.LRUCache` sized in bytes (`LoRAAdapter.nbytes`), CPU tensors, page-locked
-  when the pool is on CUDA so host->device copies are fast. Its evictions never touch the device.
+- Disk -> host (loader threads): `read_stored_adapter` (server/lora/loader.py) reads the file
+  once, straight into the adapter's packed buffer, checks the header against the base model
+  (the file's sha256 is checked by the store on the first load after start-up and after any
+  change on disk, not on every load), and the pool's scatter plan is made there too, so the
+  engine thread only issues copies.
+- Host tier: `cachetools.LRUCache` sized in bytes: each adapter's packed buffer, page-locked
+  when the pool is on CUDA (counted as PyTorch's page-locked allocator holds it, rounded up to
+  a power of two) so the host->device copy is one asynchronous transfer. Its evictions never
+  touch the device.
   An adapter larger than the whole budget still loads: it is held outside the LRU (one at a time,
   the latest such load) until it is pinned onto the device. Never a deadlock.
 - Device tier: the pool's slots, chosen by `SlotTable` (a free one, else the least recently used
@@ -30,7 +37,8 @@ Decisions:
 - A "ready" from prepare keeps that adapter for the pin that follows, so a host eviction in
   between costs nothing. Should pin still miss host RAM, it reads the file on the engine thread
   (rare); if that fails it raises AdapterLoadError and leaves the slot free.
-- The host->device copy is `pool.load` on the engine thread, synchronous: simple and correct.
+- The host->device copy is `pool.load` on the engine thread: on CUDA it only queues one
+  transfer and a dozen launches on the pool's side stream (ordered before the next step).
 - Queries count the prepare calls that decide something (polls of a load in flight or of a known
   failure do not count). Loads count by source: "disk" (file -> host) and "host" (host -> slot).
 """
@@ -49,7 +57,7 @@ import torch
 from cachetools import LRUCache
 
 from server.lora.adapter import LoRAAdapter
-from server.lora.peft import load_peft_adapter
+from server.lora.loader import read_stored_adapter
 from server.lora.pool import AdapterPool
 from server.lora.slots import SlotTable
 from server.lora.store import AdapterStore
@@ -112,16 +120,35 @@ class _Counters:
 
 
 class _HostTier(LRUCache):
-    """cachetools' LRU sized in bytes, counting the evictions it makes to fit new entries."""
+    """cachetools' LRU sized in the host memory its adapters hold, counting the evictions it
+    makes to fit new entries and the adapters' A and B bytes."""
 
-    def __init__(self, maxsize: int):
-        super().__init__(maxsize, getsizeof=lambda adapter: adapter.nbytes)
+    def __init__(self, maxsize: int, getsizeof: Callable[[LoRAAdapter], int]):
+        super().__init__(maxsize, getsizeof=getsizeof)
         self.evictions = 0
+        self.adapter_bytes = 0
+
+    def __setitem__(self, key, adapter: LoRAAdapter) -> None:
+        self.pop(key, None)
+        super().__setitem__(key, adapter)
+        self.adapter_bytes += adapter.nbytes
+
+    def __delitem__(self, key) -> None:
+        adapter = super().__getitem__(key)
+        super().__delitem__(key)
+        self.adapter_bytes -= adapter.nbytes
 
     def popitem(self):
         item = super().popitem()
         self.evictions += 1
         return item
+
+
+def host_bytes_held(adapter: LoRAAdapter, page_locked: bool) -> int:
+    """Host memory an adapter's buffer takes: PyTorch's page-locked (caching host) allocator
+    rounds each block up to a power of two."""
+    n = adapter.nbytes
+    return 1 << (n - 1).bit_length() if page_locked and n > 1 else n
 
 
 class AdapterCache:
@@ -134,7 +161,7 @@ class AdapterCache:
         self.retry_failed_after_s = retry_failed_after_s
         self._pin_host_memory = pool.device.type == "cuda"  # page-locked host copies: fast host->device
         self._lock = threading.Lock()
-        self._host = _HostTier(host_bytes)
+        self._host = _HostTier(host_bytes, lambda adapter: host_bytes_held(adapter, self._pin_host_memory))
         self._oversized: tuple[AdapterKey, LoRAAdapter] | None = None  # larger than host_bytes, awaiting pin
         self._prepared: tuple[AdapterKey, LoRAAdapter] | None = None  # the last "ready" answer, for pin
         self._loading: dict[AdapterKey, object] = {}  # key -> token of the load in flight
@@ -270,7 +297,8 @@ class AdapterCache:
     def stats(self) -> CacheStats:
         with self._lock:
             c = self._counters
-            host = TierStats(c.host_queries, c.host_hits, self._host.evictions, len(self._host), self._host.currsize)
+            host = TierStats(c.host_queries, c.host_hits, self._host.evictions, len(self._host),
+                             self._host.adapter_bytes)
             device = TierStats(c.device_queries, c.device_hits, c.device_evictions, len(self._slot_owner),
                                sum(self._device_bytes.values()))
             return CacheStats(host, device, dict(c.loads), dict(c.load_seconds), c.load_failures, len(self._loading))
@@ -292,10 +320,9 @@ class AdapterCache:
 
     def _read(self, key: AdapterKey) -> LoRAAdapter:
         customer_id, version = key
-        config, weights = self.store.read_files(self.store.get_version(customer_id, version))
-        adapter = load_peft_adapter(config, weights, self.model_config, max_rank=self.max_rank, dtype=self.dtype)
-        if self._pin_host_memory:
-            adapter = adapter.packed(pin_memory=True)  # one page-locked buffer: one copy to the GPU
+        adapter = read_stored_adapter(self.store, self.store.get_version(customer_id, version), self.model_config,
+                                      max_rank=self.max_rank, dtype=self.dtype, pin_memory=self._pin_host_memory)
+        self.pool.plan(adapter)  # made here, off the engine thread
         return adapter
 
     def _load_failed(self, key: AdapterKey, token: object | None, error: Exception) -> str:
@@ -333,7 +360,7 @@ class AdapterCache:
         return None
 
     def _keep_in_host(self, key: AdapterKey, adapter: LoRAAdapter) -> None:
-        if adapter.nbytes > self._host.maxsize:
+        if self._host.getsizeof(adapter) > self._host.maxsize:
             self._oversized = (key, adapter)
         else:
             self._host[key] = adapter

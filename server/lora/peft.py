@@ -32,8 +32,9 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -149,17 +150,24 @@ def parse_adapter_config(raw: bytes | str | dict) -> dict:
     return cfg
 
 
-def load_peft_adapter(
-    config: bytes | str | dict | Path, weights: bytes | Path, model: ModelConfig, *,
-    max_rank: int, dtype: torch.dtype = torch.float32, max_bytes: int | None = None,
-) -> LoRAAdapter:
-    """Validate a PEFT LoRA adapter against `model` and return it with tensors cast to `dtype`."""
-    if isinstance(config, os.PathLike):
-        config = Path(config).read_bytes()
-    cfg = parse_adapter_config(config)
-    tensors = _read_weights(weights, max_bytes)
-    targets = _targeted_linears(cfg, model)
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted module as the config and the tensor header describe it (no values read)."""
 
+    layer: int
+    module: str  # short name, e.g. "q_proj"
+    rank: int
+    scale: float
+    a_key: str  # its lora_A tensor: (rank, in_features)
+    b_key: str  # its lora_B tensor: (out_features, rank)
+
+
+def check_adapter_tensors(
+    cfg: dict, tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], model: ModelConfig, *, max_rank: int
+) -> list[ModuleSpec]:
+    """Every check of `load_peft_adapter` that needs no tensor values, on a parsed config and each
+    tensor's (dtype, shape): targets, ranks, missing or unexpected keys, dtypes and shapes."""
+    targets = _targeted_linears(cfg, model)
     key_names = {name: (f"{_KEY_PREFIX}{name}.lora_A.weight", f"{_KEY_PREFIX}{name}.lora_B.weight") for name in targets}
     expected_keys = {key for pair in key_names.values() for key in pair}
     unexpected = sorted(set(tensors) - expected_keys)
@@ -168,7 +176,7 @@ def load_peft_adapter(
                     f"module this config targets in the base model ({len(unexpected)} such key(s))")
 
     shapes = model.linear_shapes()
-    modules: dict[tuple[int, str], LoRAModuleWeights] = {}
+    specs = []
     for name, (layer, short) in targets.items():
         r, r_field = _pattern_value(cfg, "rank_pattern", "r", name)
         alpha, _ = _pattern_value(cfg, "alpha_pattern", "lora_alpha", name)
@@ -179,15 +187,39 @@ def load_peft_adapter(
             if key not in tensors:
                 raise _fail(key, f"tensor {key!r} is missing: every targeted module needs both lora_A and lora_B")
         in_features, out_features = shapes[short]
-        _check_tensor(a_key, tensors[a_key], (r, in_features), rank_dim=0, r_field=r_field)
-        _check_tensor(b_key, tensors[b_key], (out_features, r), rank_dim=1, r_field=r_field)
+        _check_tensor(a_key, *tensors[a_key], (r, in_features), rank_dim=0, r_field=r_field)
+        _check_tensor(b_key, *tensors[b_key], (out_features, r), rank_dim=1, r_field=r_field)
         scale = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r  # as peft's LoraLayer.update_layer
-        lora_a, lora_b = (tensors[key].to(dtype).contiguous() for key in (a_key, b_key))
-        modules[(layer, short)] = LoRAModuleWeights(lora_a, lora_b, scale)
+        specs.append(ModuleSpec(layer, short, r, scale, a_key, b_key))
+    return specs
 
+
+def load_peft_adapter(
+    config: bytes | str | dict | Path, weights: bytes | Path, model: ModelConfig, *,
+    max_rank: int, dtype: torch.dtype = torch.float32, max_bytes: int | None = None,
+) -> LoRAAdapter:
+    """Validate a PEFT LoRA adapter against `model` and return it with tensors cast to `dtype`."""
+    if isinstance(config, os.PathLike):
+        config = Path(config).read_bytes()
+    cfg = parse_adapter_config(config)
+    tensors = _read_weights(weights, max_bytes)
+    specs = check_adapter_tensors(cfg, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, model,
+                                  max_rank=max_rank)
+    modules: dict[tuple[int, str], LoRAModuleWeights] = {}
+    for spec in specs:
+        for key in (spec.a_key, spec.b_key):
+            if not torch.isfinite(tensors[key]).all():
+                raise _fail(key, f"tensor {key!r} contains NaN or Inf values")
+        lora_a, lora_b = (tensors[key].to(dtype).contiguous() for key in (spec.a_key, spec.b_key))
+        modules[(spec.layer, spec.module)] = LoRAModuleWeights(lora_a, lora_b, spec.scale)
+    return adapter_from_config(cfg, modules)
+
+
+def adapter_from_config(cfg: dict, modules: dict[tuple[int, str], LoRAModuleWeights], **packed) -> LoRAAdapter:
+    """The LoRAAdapter of a parsed config and its modules (`packed`: buffer and layout, when packed)."""
     return LoRAAdapter(rank=max(m.rank for m in modules.values()), alpha=cfg["lora_alpha"],
                        use_rslora=cfg["use_rslora"], target_modules=tuple(sorted({s for _, s in modules})),
-                       modules=modules)
+                       modules=modules, **packed)
 
 
 def load_peft_adapter_dir(
@@ -366,15 +398,14 @@ def _read_weights(weights: bytes | Path, max_bytes: int | None) -> dict[str, tor
         raise _fail("adapter_model", f"adapter_model is not a valid safetensors file: {e}") from None
 
 
-def _check_tensor(key: str, tensor: torch.Tensor, expected: tuple[int, int], *, rank_dim: int, r_field: str) -> None:
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise _fail(key, f"tensor {key!r} has dtype {tensor.dtype}; expected float32, float16, bfloat16 or float64")
+def _check_tensor(key: str, dtype: torch.dtype, shape: tuple[int, ...], expected: tuple[int, int], *,
+                  rank_dim: int, r_field: str) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise _fail(key, f"tensor {key!r} has dtype {dtype}; expected float32, float16, bfloat16 or float64")
     feature_dim = 1 - rank_dim
-    if tensor.ndim != 2 or tensor.shape[feature_dim] != expected[feature_dim]:
-        raise _fail(key, f"tensor {key!r} has shape {tuple(tensor.shape)}, which does not fit the base model "
+    if len(shape) != 2 or shape[feature_dim] != expected[feature_dim]:
+        raise _fail(key, f"tensor {key!r} has shape {tuple(shape)}, which does not fit the base model "
                     f"(expected {expected})")
-    if tensor.shape[rank_dim] != expected[rank_dim]:
-        raise _fail(key, f"tensor {key!r} has rank {tensor.shape[rank_dim]} but the config ({r_field}) gives "
+    if shape[rank_dim] != expected[rank_dim]:
+        raise _fail(key, f"tensor {key!r} has rank {shape[rank_dim]} but the config ({r_field}) gives "
                     f"r={expected[rank_dim]} for this module")
-    if not torch.isfinite(tensor).all():
-        raise _fail(key, f"tensor {key!r} contains NaN or Inf values")

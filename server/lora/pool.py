@@ -1,13 +1,37 @@
 """The device tier of adapters: preallocated LoRA slots that the kernels read.
 
 For each layer and fused projection, `num_slots` slots of `max_rank`, zero-padded (see
-kernels/lora_reference.py for the layout). Loading an adapter into a slot overwrites that
-slot completely, so no trace of the previous tenant's weights survives. Which adapter sits
-in which slot, and when a slot may be reused, is decided by `SlotTable` (server/lora/slots.py).
+kernels/lora_reference.py for the layout). Each slice keeps its own contiguous
+(num_slots, max_rank, width) tensor, as the kernels expect, but these are views of a few "row
+group" allocations, one per kind and row width: `_groups[("a", 4096)]` is
+(modules, num_slots, max_rank, 4096) and holds the A of every slice whose input is 4096 wide,
+`_groups[("b", w)]` the rank-major B^T of every slice w wide. So any set of a slot's rows is one
+index per group away.
+
+Loading an adapter into a slot (`load`) takes its packed buffer (server/lora/adapter.py, rows
+grouped the same way) and its `SlotPlan` (made once per adapter and pool, on the cache's loader
+thread), then:
+  1. on CUDA, one copy of the buffer into a staging buffer of one slot's size, on a side stream
+     so that it overlaps the step in flight (non_blocking: page-locked buffers copy
+     asynchronously, others synchronously);
+  2. waits (on the side stream) for the batches that may still read the slot's old contents;
+  3. zeroes the previous tenant's rows unless the new one covers exactly the same rows
+     (`index_fill_`), so the slot ends as if loaded into a fresh zeroed pool: the PyTorch
+     reference reads the zero padding, the Triton kernels stop at `slot_ranks`;
+  4. one `index_copy_` of rows per group (the plan's row indices plus the slot's offset);
+  5. copies the slot's scales and ranks from small tensors of the plan.
+The compute stream then waits for the side stream before its next use. No Python loop over
+modules runs on this path: a dozen launches whatever the adapter's size. Which adapter sits
+in which slot is decided by SlotTable (server/lora/slots.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
 import torch
 
 from server.lora.adapter import LoRAAdapter
@@ -20,6 +44,20 @@ PROJECTION_SLICES = {
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
 }
+_MAX_SLICES = 3
+_UNKNOWN = object()  # a slot whose contents a failed load left unknown: zeroed whole before reuse
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Where one packed adapter's rows go in a slot of one pool; made once, used by every load."""
+
+    numel: int  # elements of the packed buffer
+    groups: tuple[tuple[tuple[str, int], int, int, int], ...]  # (group, buffer offset, first row index, rows)
+    rows: torch.Tensor  # int64: each buffer row's row in its group for slot 0 (+ slot * max_rank)
+    scales: torch.Tensor  # float32 (layers, projections, 3): the slot's scales
+    ranks: torch.Tensor  # int32, the same shape: the slot's ranks (0 where not targeted)
+    footprint: tuple  # ((layer, module), rank) written: equal footprints write the same rows
 
 
 class AdapterPool:
@@ -28,85 +66,175 @@ class AdapterPool:
         self.max_rank = max_rank
         weight = model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
-        self._slots: dict[tuple[int, str], LoRASlots] = {}
+        num_layers = model.config.num_layers
         # Scales and ranks of every (layer, projection) in two tensors, so a slot's whole row
         # is written with one copy: (layers, projections, slots, max slices)
-        shape = (model.config.num_layers, len(PROJECTION_SLICES), num_slots, 3)
+        shape = (num_layers, len(PROJECTION_SLICES), num_slots, _MAX_SLICES)
         self._scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._proj_index = proj_index = {name: i for i, name in enumerate(PROJECTION_SLICES)}
-        for layer, name, proj in model.projections():
-            in_features = proj.weight.shape[1]
-            n_slices, p = len(proj.out_sizes), proj_index[name]
+        self._proj_index = {name: i for i, name in enumerate(PROJECTION_SLICES)}
+        # module -> (projection index, slice index): where its scale and rank go
+        self._slice_of = {m: (self._proj_index[name], i)
+                          for name, ms in PROJECTION_SLICES.items() for i, m in enumerate(ms)}
+
+        projections = list(model.projections())
+        members: dict[tuple[str, int], list[tuple[int, str]]] = {}
+        for layer, name, proj in projections:
+            for module, out_features in zip(PROJECTION_SLICES[name], proj.out_sizes):
+                members.setdefault(("a", proj.weight.shape[1]), []).append((layer, module))
+                members.setdefault(("b", out_features), []).append((layer, module))
+        self._groups = {key: torch.zeros(len(m), num_slots, max_rank, key[1], dtype=self.dtype, device=self.device)
+                        for key, m in members.items()}
+        self._rows = {key: g.view(-1, key[1]) for key, g in self._groups.items()}  # (modules * slots * max_rank, width)
+        # (kind, layer, module) -> (group, index in the group)
+        self._member = {(key[0], *m): (key, j) for key, ms in members.items() for j, m in enumerate(ms)}
+        self._slots: dict[tuple[int, str], LoRASlots] = {}
+        for layer, name, proj in projections:
+            p, modules = self._proj_index[name], PROJECTION_SLICES[name]
             slots = LoRASlots(
-                lora_a=[self._zeros(num_slots, max_rank, in_features) for _ in proj.out_sizes],
+                lora_a=[self._slice("a", layer, m) for m in modules],
                 # B is stored rank-major, so a rank-r adapter's B is its first r rows: the kernels
                 # then read only r * out_i elements of it (see kernels/triton_expand.py)
-                lora_b=[self._zeros(num_slots, max_rank, out).transpose(1, 2) for out in proj.out_sizes],
-                scales=self._scales[layer, p, :, :n_slices],
-                slot_ranks=self._ranks[layer, p, :, :n_slices],
+                lora_b=[self._slice("b", layer, m).transpose(1, 2) for m in modules],
+                scales=self._scales[layer, p, :, : len(modules)],
+                slot_ranks=self._ranks[layer, p, :, : len(modules)],
             )
             proj.lora = slots
             self._slots[(layer, name)] = slots
+        # Plans depend on this geometry only; adapters keep theirs under this key.
+        self._plan_key = (self.device.type, num_slots, max_rank, tuple((k, len(m)) for k, m in members.items()))
+        self._footprints: list = [None] * num_slots  # SlotPlan of the tenant, None when zero, or _UNKNOWN
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self._copy_stream is not None:
+            slot_numel = sum(len(m) * max_rank * key[1] for key, m in members.items())
+            slot_rows = sum(len(m) for m in members.values()) * max_rank
+            self._staging = torch.empty(slot_numel, dtype=self.dtype, device=self.device)  # one slot's worth
+            self._row_staging = torch.empty(2 * slot_rows, dtype=torch.int64, device=self.device)
 
-    def _zeros(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+    def _slice(self, kind: str, layer: int, module: str) -> torch.Tensor:
+        key, j = self._member[(kind, layer, module)]
+        return self._groups[key][j]  # (num_slots, max_rank, width), contiguous
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for s in self._slots.values():
-            total += sum(t.nbytes for t in s.lora_a) + sum(t.nbytes for t in s.lora_b) + s.scales.nbytes + s.slot_ranks.nbytes
-        return total
+        """Device bytes the pool holds: slots, scales and ranks, and on CUDA one slot's staging."""
+        extra = self._staging.nbytes + self._row_staging.nbytes if self._copy_stream is not None else 0
+        return sum(g.nbytes for g in self._groups.values()) + self._scales.nbytes + self._ranks.nbytes + extra
+
+    def plan(self, adapter: LoRAAdapter) -> SlotPlan:
+        """The adapter's plan for this pool (made once and kept on the adapter); the adapter must be packed."""
+        plan = adapter.plans.get(self._plan_key)
+        if plan is None:
+            plan = adapter.plans[self._plan_key] = self._make_plan(adapter)
+        return plan
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Write an adapter into a slot; modules it does not target get zeros.
-
-        One transfer brings the adapter to the device (when it is packed), then the slot is
-        zeroed and filled with batched device copies, and its scales and ranks written in
-        one copy each: a few launches instead of several per module."""
+        """Write an adapter into a slot; modules it does not target get zeros. The adapter is
+        packed here first if it is not (slow: the cache and the in-memory registry pack once)."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds the pool's max rank {self.max_rank}")
-        if self.device.type != "cuda":
-            self._write_slot(slot, adapter)
-            return
-        # On the GPU the copies run on a side stream, so the engine thread does not wait for
-        # them: the side stream first waits for the batches still reading the slot's old
-        # contents, and the compute stream waits for the copies before its next use.
-        compute = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(compute)
-        with torch.cuda.stream(self._copy_stream):
-            self._write_slot(slot, adapter)
-        compute.wait_stream(self._copy_stream)
-
-    def _write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
-        adapter = adapter.to(self.device, non_blocking=True)
-        scales = torch.zeros(self._scales.shape[0], self._scales.shape[1], 3)
-        ranks = torch.zeros(scales.shape, dtype=torch.int32)
-        targets, sources = [], []
-        for (layer, proj_name), slots in self._slots.items():
-            p = self._proj_index[proj_name]
-            for i, module in enumerate(PROJECTION_SLICES[proj_name]):
-                weights = adapter.modules.get((layer, module))
-                if weights is None:
-                    continue
-                r = weights.rank
-                targets += [slots.lora_a[i][slot, :r], slots.lora_b[i][slot, :, :r]]
-                sources += [weights.lora_a.to(self.dtype), weights.lora_b.to(self.dtype)]
-                scales[layer, p, i] = weights.scale
-                ranks[layer, p, i] = r
-        self.clear(slot)
-        if targets:
-            torch._foreach_copy_(targets, sources)
-        if self.device.type == "cuda":
-            scales, ranks = scales.pin_memory(), ranks.pin_memory()
-        self._scales[:, :, slot].copy_(scales, non_blocking=True)
-        self._ranks[:, :, slot].copy_(ranks, non_blocking=True)
+        if adapter.layout is None:
+            adapter = adapter.packed(pin_memory=self._copy_stream is not None, dtype=self.dtype)
+        plan = self.plan(adapter)
+        with self._side_stream() as wait_for_readers:
+            source = self._source(adapter.buffer, plan.numel)
+            rows = self._device_rows(plan.rows, slot, 0)
+            previous, self._footprints[slot] = self._footprints[slot], _UNKNOWN
+            wait_for_readers()
+            if previous is _UNKNOWN:
+                self._zero_slot(slot)
+            elif previous is not None and previous.footprint != plan.footprint:
+                old_rows = self._device_rows(previous.rows, slot, plan.rows.numel())
+                for key, _, first, n in previous.groups:
+                    self._rows[key].index_fill_(0, old_rows[first : first + n], 0)
+            for key, offset, first, n in plan.groups:
+                width = key[1]
+                source_rows = source[offset : offset + n * width].view(n, width)
+                self._rows[key].index_copy_(0, rows[first : first + n], source_rows)
+            self._scales[:, :, slot].copy_(plan.scales, non_blocking=True)
+            self._ranks[:, :, slot].copy_(plan.ranks, non_blocking=True)
+            self._footprints[slot] = plan
 
     def clear(self, slot: int) -> None:
-        torch._foreach_zero_([t[slot] for s in self._slots.values() for t in (*s.lora_a, *s.lora_b)])
+        """Zero a slot (e.g. after a failed load)."""
+        with self._side_stream() as wait_for_readers:
+            wait_for_readers()
+            self._zero_slot(slot)
+            self._footprints[slot] = None
+
+    # --- internals
+    def _make_plan(self, adapter: LoRAAdapter) -> SlotPlan:
+        if adapter.layout is None:
+            raise ValueError("only a packed adapter has a plan (LoRAAdapter.packed)")
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter rank {adapter.rank} exceeds the pool's max rank {self.max_rank}")
+        groups, starts, counts, first = [], [], [], 0
+        stride = self.num_slots * self.max_rank  # rows per group member
+        for group in adapter.layout:
+            key = (group.kind, group.width)
+            for layer, module, rank in group.members:
+                member_group, j = self._member.get((group.kind, layer, module), (None, 0))
+                if member_group != key:
+                    raise ValueError(f"the adapter's {module} of layer {layer} ({group.kind.upper()} rows of width "
+                                     f"{group.width}) fits no slice of this model")
+                starts.append(j * stride)
+                counts.append(rank)
+            groups.append((key, group.offset, first, group.num_rows))
+            first += group.num_rows
+        # rows: for each member, its first `rank` rows: start, start + 1, ...
+        counts = np.asarray(counts, dtype=np.int64)
+        run_starts = np.repeat(np.cumsum(counts) - counts, counts)
+        rows = torch.from_numpy(np.repeat(np.asarray(starts, dtype=np.int64), counts) + np.arange(first) - run_starts)
+        where = [(layer, *self._slice_of[module]) for layer, module in adapter.modules]
+        index = tuple(torch.tensor(column) for column in zip(*where))
+        scales = torch.zeros(self._scales.shape[0], self._scales.shape[1], _MAX_SLICES)
+        ranks = torch.zeros(scales.shape, dtype=torch.int32)
+        scales.index_put_(index, torch.tensor([m.scale for m in adapter.modules.values()], dtype=torch.float32))
+        ranks.index_put_(index, torch.tensor([m.rank for m in adapter.modules.values()], dtype=torch.int32))
+        if self._copy_stream is not None:  # sources of non_blocking copies must be page-locked
+            rows, scales, ranks = rows.pin_memory(), scales.pin_memory(), ranks.pin_memory()
+        footprint = tuple(sorted((key, m.rank) for key, m in adapter.modules.items()))
+        return SlotPlan(sum(g.numel for g in adapter.layout), tuple(groups), rows, scales, ranks, footprint)
+
+    @contextlib.contextmanager
+    def _side_stream(self) -> Iterator[Callable[[], None]]:
+        """On CUDA: run the block on the copy stream; `wait_for_readers()` makes it wait for the work
+        queued so far on the compute stream (batches still reading a slot), and the compute stream
+        waits for the block's copies before its next use. Elsewhere: the block as it is."""
+        if self._copy_stream is None:
+            yield lambda: None
+            return
+        compute = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.stream(self._copy_stream):
+                yield lambda: self._copy_stream.wait_stream(compute)
+        finally:
+            compute.wait_stream(self._copy_stream)
+
+    def _source(self, buffer: torch.Tensor, numel: int) -> torch.Tensor:
+        """The packed buffer on the device in the pool's dtype: itself when it already is (e.g. a
+        GPU-resident adapter), else one copy, into the staging buffer on CUDA."""
+        if buffer.device == self.device and buffer.dtype == self.dtype:
+            return buffer
+        if self._copy_stream is None:
+            return buffer.to(self.device, self.dtype)
+        if numel > self._staging.numel():
+            raise ValueError(f"the adapter ({numel} elements) is larger than a slot of this pool")
+        staging = self._staging[:numel]
+        staging.copy_(buffer, non_blocking=True)
+        return staging
+
+    def _device_rows(self, rows: torch.Tensor, slot: int, offset: int) -> torch.Tensor:
+        """The plan's row indices for `slot`, on the device (staged at `offset` on CUDA)."""
+        if self._copy_stream is None:
+            return (rows + slot * self.max_rank).to(self.device)
+        staged = self._row_staging[offset : offset + rows.numel()]
+        staged.copy_(rows, non_blocking=True)
+        return staged.add_(slot * self.max_rank)
+
+    def _zero_slot(self, slot: int) -> None:
+        torch._foreach_zero_([g[:, slot] for g in self._groups.values()])
         self._scales[:, :, slot].zero_()
         self._ranks[:, :, slot].zero_()

@@ -21,6 +21,9 @@ class InMemoryAdapters:
 
     def register(self, key: Hashable, adapter: LoRAAdapter) -> None:
         self.slots.evict(key)  # raises while in use; a replaced adapter is reloaded on next use
+        if adapter.layout is None or adapter.buffer.dtype != self.pool.dtype:  # packed once here, not at every load
+            adapter = adapter.packed(pin_memory=self.pool.device.type == "cuda", dtype=self.pool.dtype)
+        self.pool.plan(adapter)
         self.adapters[key] = adapter
 
     def prepare(self, key: Hashable) -> str:

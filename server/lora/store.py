@@ -26,6 +26,15 @@ that are neither current nor in `keep` (the adapter cache calls it once no reque
 and the next start removes the rest. `delete` only removes `current`, so the adapter is
 invisible at once. Puts, deletes and prunes of one customer are serialised by a per-customer
 lock; reads take no lock (they read `current`, then its version directory).
+
+Checksums. `put` records the sha256 of the uploaded weights. `open_verified` (the cache's
+loads) checks sizes every time but hashes the weights file only the first time this store
+object reads it, and again whenever the file's stamp (device, inode, size, mtime, ctime) is not
+the one it had when last hashed: after a restart each file is hashed once, on its first load,
+and a file changed on disk since is hashed again (and fails if it no longer matches). A stamp
+is trusted only if the file was last changed a second or more before the hash (`_RACY_NS`), as
+a file rewritten within one tick of the filesystem's clock can keep its mtime and ctime.
+`read_files` always hashes.
 """
 
 from __future__ import annotations
@@ -38,10 +47,12 @@ import re
 import secrets
 import shutil
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from server.lora.adapter import LoRAAdapter
 
@@ -54,6 +65,8 @@ LAST_VERSION_FILE = "last_version"
 TEMP_PREFIX = ".tmp-"
 _CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN, re.ASCII)
 _VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
+_RACY_NS = 1_000_000_000  # a stamp younger than this at hashing time is not trusted (see above)
+_HASH_CHUNK = 8 << 20
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +115,15 @@ class AdapterRecord:
         return out
 
 
+@dataclass(frozen=True)
+class StoredFiles:
+    """An adapter's files as uploaded (see `AdapterStore.open_verified`)."""
+
+    config: bytes  # adapter_config.json
+    weights_fd: int  # adapter_model.safetensors, open for reading (os.pread / os.preadv)
+    weights_size: int
+
+
 def _is_valid_id(name: object) -> bool:
     return isinstance(name, str) and name not in (".", "..") and _CUSTOMER_ID.fullmatch(name) is not None
 
@@ -120,6 +142,7 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._verified: dict[Path, tuple[int, ...]] = {}  # weights file -> its stamp when its sha256 matched
         self._recover()
 
     # --- reads (no lock)
@@ -161,6 +184,38 @@ class AdapterStore:
         if len(config) + len(weights) != record.bytes or hashlib.sha256(weights).hexdigest() != record.sha256:
             raise AdapterStoreCorrupt(record.customer_id, record.weights_path, "size or sha256 differs from metadata")
         return config, weights
+
+    @contextmanager
+    def open_verified(self, record: AdapterRecord) -> Iterator[StoredFiles]:
+        """The record's config bytes and weights file (open), as uploaded: sizes are checked every
+        time, the sha256 when this store has not hashed the file in its present state (see the
+        module docstring). Raises AdapterStoreCorrupt when a file is missing, differs from the
+        metadata, or changed while it was being read (checked when the block exits)."""
+        try:
+            config = record.config_path.read_bytes()
+            fd = os.open(record.weights_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as e:
+            raise AdapterStoreCorrupt(record.customer_id, Path(e.filename), "missing") from None
+        try:
+            stamp = _stamp(os.fstat(fd))
+            size = stamp[2]
+            if len(config) + size != record.bytes:
+                raise AdapterStoreCorrupt(record.customer_id, record.weights_path,
+                                          "size or sha256 differs from metadata")
+            if self._verified.get(record.weights_path) != stamp:
+                hashed_at = time.time_ns()
+                if _sha256_of(fd, size) != record.sha256:
+                    self._verified.pop(record.weights_path, None)
+                    raise AdapterStoreCorrupt(record.customer_id, record.weights_path,
+                                              "size or sha256 differs from metadata")
+                if _stamp(os.fstat(fd)) == stamp and hashed_at - max(stamp[3], stamp[4]) >= _RACY_NS:
+                    self._verified[record.weights_path] = stamp
+            yield StoredFiles(config, fd, size)
+            if _stamp(os.fstat(fd)) != stamp:
+                self._verified.pop(record.weights_path, None)
+                raise AdapterStoreCorrupt(record.customer_id, record.weights_path, "changed while being read")
+        finally:
+            os.close(fd)
 
     # --- writes (per-customer lock)
     def put(self, customer_id: str, config_bytes: bytes, weights_bytes: bytes,
@@ -244,6 +299,7 @@ class AdapterStore:
         current = self._current_version(customer_id)
         removed = [v for v in self._stored_versions(customer_id) if v != current and v not in keep]
         for version in removed:
+            self._verified.pop(self._version_dir(customer_id, version) / WEIGHTS_FILE, None)
             # Renamed first, so a crash mid-removal leaves a temp dir, never a half version.
             doomed = self.root / customer_id / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
             os.rename(self._version_dir(customer_id, version), doomed)
@@ -303,6 +359,23 @@ def _read_int(customer_id: str, path: Path) -> int | None:
     if not re.fullmatch(r"[1-9][0-9]*\n?", text):
         raise AdapterStoreCorrupt(customer_id, path, f"expected a version number, found {text[:32]!r}")
     return int(text)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: (device, inode, size, mtime, ctime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _sha256_of(fd: int, size: int) -> str:
+    digest, chunk = hashlib.sha256(), bytearray(min(size, _HASH_CHUNK))
+    view, offset = memoryview(chunk), 0
+    while offset < size:
+        n = os.preadv(fd, [view[: size - offset]], offset)
+        if n == 0:
+            break  # truncated meanwhile: the digest will not match
+        digest.update(view[:n])
+        offset += n
+    return digest.hexdigest()
 
 
 def _write_synced(path: Path, data: bytes) -> None:
