@@ -61,20 +61,27 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the base model's id in the API (default: its directory name)")
     p.add_argument("--adapter-store", help="adapter store directory (default <home>/adapters)")
     p.add_argument("--api-keys-file", help='JSON {"<api key>": "<customer id>"}: require tenant API keys')
-    p.add_argument("--max-loras", type=int, help="adapter slots on the device")
+    p.add_argument("--max-loras", type=int, help="adapter slots on the device (default: 8 on the CPU; on the GPU as many as --lora-memory-fraction holds)")
+    p.add_argument("--lora-memory-fraction", type=float,
+                   help="share of GPU memory for adapter slots when --max-loras is not given (default 0.2)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="share of GPU memory for weights, adapter slots and KV cache (default 0.9)")
     p.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted")
-    p.add_argument("--max-num-seqs", type=int, help="sequences running at once")
+    p.add_argument("--max-num-seqs", type=int, help="sequences running at once (default 256 on the GPU, 32 on the CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, at most 8192)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: derived)")
     p.add_argument("--host-cache-bytes", type=int, help="host RAM for the adapter cache")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter upload")
+    p.add_argument("--enforce-eager", action="store_const", const=True,
+                   help="run decode steps without CUDA graphs (debugging; graphs are captured at start-up on the GPU)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapter_store", "api_keys_file",
                   "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                  "num_kv_blocks", "host_cache_bytes", "max_upload_bytes")
+                  "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
+                  "lora_memory_fraction", "gpu_memory_utilization")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:

@@ -18,6 +18,40 @@ def _default_home() -> Path:
     return Path(os.path.expanduser("~/.cache/loraplex"))
 
 
+HOST_CACHE_FRACTION = 0.25  # of the available memory: the adapter cache's host tier unless set
+
+
+def default_host_cache_bytes() -> int:
+    """A quarter of the memory available now (`available_memory_bytes`), or 2 GiB where that is
+    unknown. A quarter, because on a GPU server the tier is page-locked (never swapped, and
+    PyTorch's allocator rounds each adapter's buffer up to a power of two) and the model's
+    loading and the API process need the rest."""
+    available = available_memory_bytes()
+    return int(HOST_CACHE_FRACTION * available) if available else 2 << 30
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process could still take: MemAvailable of /proc/meminfo, capped by its cgroup's
+    limit less the cgroup's usage (containers); None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # "max": no limit
+            found.append(max(0, int(limit) - usage))
+        break
+    return min(found) if found else None
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = _default_home()  # LORAPLEX_HOME: prepared models and the adapter store live here
@@ -25,13 +59,15 @@ class Settings:
     device: str = "auto"  # LORAPLEX_DEVICE: auto | cpu | cuda[:N]
     dtype: str = "auto"  # LORAPLEX_DTYPE: auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     max_lora_rank: int = 64  # LORAPLEX_MAX_LORA_RANK
-    max_loras: int = 8  # LORAPLEX_MAX_LORAS: adapter slots on the device
+    max_loras: int = 0  # LORAPLEX_MAX_LORAS: adapter slots on the device; 0 = auto (8 on CPU, by memory on GPU)
+    lora_memory_fraction: float = 0.2  # LORAPLEX_LORA_MEMORY_FRACTION: share of GPU memory for adapter slots when max_loras is auto
     kv_block_size: int = 16  # LORAPLEX_KV_BLOCK_SIZE: tokens per KV cache block
     num_kv_blocks: int = 0  # LORAPLEX_NUM_KV_BLOCKS: 0 = derive from max_num_seqs x context
-    max_num_seqs: int = 32  # LORAPLEX_MAX_NUM_SEQS
+    max_num_seqs: int = 0  # LORAPLEX_MAX_NUM_SEQS: 0 = auto (256 on GPU, 32 on CPU)
     gpu_memory_utilization: float = 0.9  # LORAPLEX_GPU_MEMORY_UTILIZATION: share of GPU memory for weights, adapters and KV cache
     max_num_batched_tokens: int = 2048  # LORAPLEX_MAX_NUM_BATCHED_TOKENS: tokens per step (prefill chunks + decodes)
     max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 8192)
+    enforce_eager: bool = False  # LORAPLEX_ENFORCE_EAGER: no CUDA graphs for decode steps (debugging)
     # --- HTTP server
     host: str = "127.0.0.1"  # LORAPLEX_HOST
     port: int = 8000  # LORAPLEX_PORT
@@ -40,7 +76,9 @@ class Settings:
     admin_token: str = field(default="", repr=False)
     api_keys_file: str = ""  # LORAPLEX_API_KEYS_FILE: JSON {"<api key>": "<customer id>"}; "" = trust X-Customer-Id
     adapter_store: str = ""  # LORAPLEX_ADAPTER_STORE: the adapter store directory; "" = <home>/adapters
-    host_cache_bytes: int = 2 << 30  # LORAPLEX_HOST_CACHE_BYTES: host RAM tier of the adapter cache
+    # LORAPLEX_HOST_CACHE_BYTES: host RAM tier of the adapter cache; default HOST_CACHE_FRACTION of the
+    # memory available when the settings are made (see default_host_cache_bytes)
+    host_cache_bytes: int = field(default_factory=lambda: default_host_cache_bytes())
     max_upload_bytes: int = 1 << 30  # LORAPLEX_MAX_UPLOAD_BYTES: one adapter upload (both files)
     max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
@@ -69,10 +107,12 @@ class Settings:
     def validate(self) -> None:
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be >= 1")
-        if self.max_loras < 1:
-            raise ValueError("max_loras must be >= 1")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_loras < 0 or self.max_num_seqs < 0:
+            raise ValueError("max_loras and max_num_seqs must be >= 0 (0 = auto)")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if not 0 < self.lora_memory_fraction < 1:
+            raise ValueError("lora_memory_fraction must be in (0, 1)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_block_size < 1:
@@ -109,6 +149,12 @@ def _names(value: str) -> list[str]:
 
 def _coerce(name: str, raw: str, type_name) -> object:
     type_name = str(type_name)
+    if type_name.startswith("bool"):
+        if raw.strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.strip().lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"LORAPLEX_{name.upper()}={raw!r} is not a boolean (1/0, true/false)")
     try:
         if type_name.startswith("int"):
             return int(raw)

@@ -123,10 +123,10 @@ class Metrics:
         self.queue_time.observe(seconds)
 
     # --- wiring (lifespan)
-    def set_build_info(self, *, model: str, device: str, dtype: str) -> None:
-        s = self.settings
-        self.build_info.labels(_version(), model, device, dtype, str(s.max_loras), str(s.max_lora_rank),
-                               str(s.max_num_seqs)).set(1)
+    def set_build_info(self, *, model: str, device: str, dtype: str, max_loras: int, max_num_seqs: int) -> None:
+        """Labels of the served configuration, with the limits the engine resolved (auto defaults)."""
+        self.build_info.labels(_version(), model, device, dtype, str(max_loras), str(self.settings.max_lora_rank),
+                               str(max_num_seqs)).set(1)
 
     def bind_engine(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         self.registry.register(_EngineCollector(self.settings, snapshot))

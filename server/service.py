@@ -255,7 +255,8 @@ class Service:
         return self._read_snapshot()
 
     def _read_snapshot(self) -> EngineSnapshot:
-        engine, limit = self.engine, self.settings.max_loras
+        engine = self.engine
+        limit = engine.limits.max_loras
         scheduler = engine.scheduler
         running = list(dict.fromkeys(customer for customer, _ in self.cache.resident_keys()))
         waiting = []

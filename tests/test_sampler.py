@@ -8,14 +8,15 @@ from server.engine.sampler import sample
 
 
 def _draws(logits, params, n=400, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [sample(logits[None], [params], [gen])[0] for _ in range(n)]
+    """n draws of one sequence: its successive output positions, same logits."""
+    rows = logits[None].expand(n, -1)
+    return sample(rows, [params] * n, [seed] * n, list(range(n))).tolist()
 
 
 def test_greedy_takes_the_argmax():
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=0)] * 3
-    assert sample(logits, params, [None] * 3) == logits.argmax(-1).tolist()
+    assert sample(logits, params, [1, 2, 3], [0, 0, 0]).tolist() == logits.argmax(-1).tolist()
 
 
 def test_top_k_only_draws_from_the_k_most_likely():
@@ -55,3 +56,32 @@ def test_same_seed_same_draws_other_seed_differs():
 def test_invalid_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    draws = _draws(probs.log(), SamplingParams(temperature=1.0), n=4000, seed=3)
+    shares = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    assert torch.allclose(shares, probs, atol=0.03), shares
+
+
+def test_a_row_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300)
+    params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0), SamplingParams(temperature=1.3),
+              SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0.5, top_k=20, top_p=0.5)]
+    seeds, steps = [11, 12, 13, 14, 15], [0, 4, 9, 2, 7]
+    together = sample(logits, params, seeds, steps).tolist()
+    alone = [sample(logits[i : i + 1], [params[i]], [seeds[i]], [steps[i]]).item() for i in range(5)]
+    assert together == alone
+
+
+def test_noise_is_uniform_and_distinct_per_seed_and_step():
+    from server.engine.sampler import uniform_noise
+
+    u = uniform_noise(torch.tensor([1, 1, 2, -5]), torch.tensor([0, 1, 0, 0]), 20000)
+    assert ((u > 0) & (u < 1)).all()
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.equal(u[a], u[b])

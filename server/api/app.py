@@ -31,7 +31,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service = await asyncio.to_thread(Service.start, settings, metrics)
-        metrics.set_build_info(model=service.model.name, device=service.model.device, dtype=service.model.dtype)
+        limits = service.engine.limits
+        metrics.set_build_info(model=service.model.name, device=service.model.device, dtype=service.model.dtype,
+                               max_loras=limits.max_loras, max_num_seqs=limits.max_num_seqs)
         metrics.bind_engine(service.snapshot)
         app.state.service = service
         try:

@@ -8,6 +8,7 @@ drives steps until its requests finish; the server's engine loop drives the same
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from transformers import AutoTokenizer
 
 from server.config import Settings
 from server.engine.block_manager import BlockAllocator
-from server.engine.request import GenerationRequest, GenerationResult
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import GenerationRequest, GenerationResult, SamplingParams
 from server.engine.sampler import sample
 from server.engine.scheduler import AdapterResidency, ScheduledChunk, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
@@ -33,6 +35,8 @@ from server.model.runner import ModelRunner, SequenceChunk
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 1 << 30
 NO_PROGRESS_TIMEOUT_S = 60.0
+MAX_AUTO_LORA_SLOTS = 512
+_UNUSED_ROW = SamplingParams(temperature=0)  # rows that sample nothing this step
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,9 @@ class Engine:
         self.model = model
         cfg = model.config
         # the adapter pool first: on the GPU the KV cache takes what memory is left
-        self.pool = AdapterPool(self.model, settings.max_loras, settings.max_lora_rank)
-        self.limits = _limits(settings, cfg, self.dtype, self.device)
+        max_loras = settings.max_loras or _auto_lora_slots(settings, model, self.device)
+        self.pool = AdapterPool(self.model, max_loras, settings.max_lora_rank)
+        self.limits = _limits(settings, cfg, self.dtype, self.device, max_loras)
         self.kv_cache = KVCache(
             cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
             cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
@@ -82,8 +87,12 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, max_num_seqs=self.limits.max_num_seqs,
+                                  max_num_batched_tokens=self.limits.max_num_batched_tokens,
+                                  max_model_len=self.limits.max_model_len)
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
+        if self.device.type == "cuda":
+            self.runner.warm_up(capture_graphs=not settings.enforce_eager)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, settings: Settings, make_adapters=None) -> "Engine":
@@ -136,11 +145,11 @@ class Engine:
             )
         if len(prompt_ids) + 1 > self.blocks.num_blocks * self.blocks.block_size:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache")
-        generator = None
-        if request.sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
+        seed = request.sampling.seed
+        if seed is None:
+            seed = random.getrandbits(63)
         key = adapter_key if adapter_key is not None else request.adapter
-        return Sequence(request=request, prompt_ids=prompt_ids, generator=generator, adapter_key=key)
+        return Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key)
 
     def add_request(self, request: GenerationRequest, adapter_key=None) -> Sequence:
         """Validate and queue one request (engine thread)."""
@@ -220,10 +229,15 @@ class Engine:
             c.seq.num_cached_tokens += c.num_tokens
         if not ready:
             return []
-        rows = torch.tensor([row for row, _ in ready], device=logits.device)
+        # Every row is sampled (rows of unfinished prompts greedily, and ignored): no gather of
+        # rows with a host-made index. `.tolist()` is the step's one device -> host copy.
+        params = [_UNUSED_ROW] * len(chunks)
+        seeds, steps = [0] * len(chunks), [0] * len(chunks)
+        for row, seq in ready:
+            params[row], seeds[row], steps[row] = seq.sampling, seq.seed, len(seq.output_ids)
+        tokens = sample(logits, params, seeds, steps).tolist()
         seqs = [seq for _, seq in ready]
-        tokens = sample(logits.index_select(0, rows), [s.sampling for s in seqs], [s.generator for s in seqs])
-        for seq, token in zip(seqs, tokens):
+        for seq, token in zip(seqs, (tokens[row] for row, _ in ready)):
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -234,12 +248,13 @@ class Engine:
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
         if token in self.eos_ids and not params.ignore_eos:
-            seq.output_ids.pop()  # the EOS token is not part of the answer
-            seq.text = self._decode(seq.output_ids)
+            seq.output_ids.pop()  # the EOS token is not part of the answer; seq.text already is its text
             return "stop"
-        seq.text = self._decode(seq.output_ids)
+        keep, new = self._decode(seq)
+        seq.text = seq.text[:keep] + new
         for stop in params.stop:
-            cut = seq.text.find(stop)
+            # not in the previous text, so a match ends after `keep`: search only the tail
+            cut = seq.text.find(stop, max(0, keep - len(stop) + 1))
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 return "stop"
@@ -247,8 +262,11 @@ class Engine:
             return "length"
         return None
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _decode(self, seq: Sequence) -> tuple[int, str]:
+        """The change to seq.text from its new output ids: (characters kept, text after them)."""
+        if seq.detokenizer is None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        return seq.detokenizer.update(seq.output_ids)
 
     @staticmethod
     def _mark_finished(seq: Sequence, reason: str) -> None:
@@ -265,20 +283,41 @@ def _kv_cache_budget(settings: Settings, device: torch.device) -> int:
     return max(0, int(free - (1 - settings.gpu_memory_utilization) * total))
 
 
-def _limits(settings: Settings, cfg, dtype: torch.dtype, device: torch.device) -> EngineLimits:
+def default_max_num_seqs(device: torch.device) -> int:
+    """Sequences running at once when the settings leave it open: the GPU's decode step is
+    bound by reading the weights, so a large batch is almost free; the CPU's is not."""
+    return 256 if device.type == "cuda" else 32
+
+
+def _auto_lora_slots(settings: Settings, model: LlamaModel, device: torch.device) -> int:
+    """Adapter slots when the settings leave it open: on the GPU as many as
+    `lora_memory_fraction` of its memory holds at the largest rank (S-LoRA-style: hundreds
+    of small adapters resident), between 8 and MAX_AUTO_LORA_SLOTS; on the CPU 8."""
+    if device.type != "cuda":
+        return 8
+    per_slot = sum(
+        settings.max_lora_rank * (proj.weight.shape[1] * len(proj.out_sizes) + sum(proj.out_sizes))
+        for _, _, proj in model.projections()
+    ) * model.embed_tokens.weight.element_size()
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(8, min(MAX_AUTO_LORA_SLOTS, int(settings.lora_memory_fraction * total) // per_slot))
+
+
+def _limits(settings: Settings, cfg, dtype: torch.dtype, device: torch.device, max_loras: int) -> EngineLimits:
     max_model_len = settings.max_model_len or min(cfg.max_position_embeddings, 8192)
+    max_num_seqs = settings.max_num_seqs or default_max_num_seqs(device)
     num_blocks = settings.num_kv_blocks
     if num_blocks == 0:
         per_block = KVCache.bytes_per_block(cfg.num_layers, settings.kv_block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
-        wanted = settings.max_num_seqs * -(-max_model_len // settings.kv_block_size)
+        wanted = max_num_seqs * -(-max_model_len // settings.kv_block_size)
         num_blocks = max(1, min(wanted, _kv_cache_budget(settings, device) // per_block))
     return EngineLimits(
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(settings.max_num_batched_tokens, max_num_seqs),
         max_model_len=max_model_len,
         num_kv_blocks=num_blocks,
         kv_block_size=settings.kv_block_size,
-        max_loras=settings.max_loras,
+        max_loras=max_loras,
         max_lora_rank=settings.max_lora_rank,
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from server.engine.request import GenerationRequest
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+GIL_SWITCH_INTERVAL_S = 0.0005
 IDLE_WAIT_S = 0.05  # how long the idle loop sleeps before re-checking (adapter loads, stop)
 
 
@@ -49,6 +51,10 @@ class EngineLoop:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        # The engine thread gives up the GIL while the GPU runs a step and wants it back as soon
+        # as the step's tokens arrive; by default a thread busy writing streams keeps it for up
+        # to 5 ms, longer than a whole decode step on a GPU.
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -70,7 +76,7 @@ class EngineLoop:
         finished = False
         try:
             while True:
-                event = await consumer.queue.get()
+                event = _coalesce(await consumer.queue.get(), consumer.queue)
                 yield event
                 if event.finish_reason is not None:
                     finished = True
@@ -100,8 +106,7 @@ class EngineLoop:
                 updated = self.engine.fail_running(f"internal error in the engine step: {type(exc).__name__}")
             self.num_steps += 1
             self.last_step_at = time.monotonic()
-            for seq in updated:
-                self._publish(seq)
+            self._publish(updated)
             if not updated:
                 self._wake.wait(0.002)  # waiting on adapter loads: do not spin
                 self._wake.clear()
@@ -123,18 +128,47 @@ class EngineLoop:
                 del self._consumers[seq.seq_id]
                 self.engine.abort(seq)
 
-    def _publish(self, seq: Sequence) -> None:
-        consumer = self._consumers.get(seq.seq_id)
-        if consumer is None:
-            return
-        text, ids = consumer.take_new(seq)
-        if seq.is_finished:
-            del self._consumers[seq.seq_id]
-            consumer.send(StreamEvent(
-                text, ids, seq.finish_reason, seq.error, len(seq.prompt_ids), len(seq.output_ids),
-            ))
-        elif text or ids:
-            consumer.send(StreamEvent(text, ids, prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
+    def _publish(self, updated: list[Sequence]) -> None:
+        """Hand the step's new text to the consumers: one wake-up per event loop per step,
+        not one per sequence (the loop is busy writing 64-256 streams)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Consumer, StreamEvent]]] = {}
+        for seq in updated:
+            consumer = self._consumers.get(seq.seq_id)
+            if consumer is None:
+                continue
+            text, ids = consumer.take_new(seq)
+            if seq.is_finished:
+                del self._consumers[seq.seq_id]
+                event = StreamEvent(text, ids, seq.finish_reason, seq.error, len(seq.prompt_ids), len(seq.output_ids))
+            elif text or ids:
+                event = StreamEvent(text, ids, prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+            else:
+                continue
+            batches.setdefault(consumer.loop, []).append((consumer, event))
+        for loop, batch in batches.items():
+            _deliver(loop, batch)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, batch: list[tuple["_Consumer", StreamEvent]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, batch)
+    except RuntimeError:  # the consumers' event loop is closed: nobody is listening
+        pass
+
+
+def _put_all(batch: list[tuple["_Consumer", StreamEvent]]) -> None:
+    for consumer, event in batch:
+        consumer.queue.put_nowait(event)
+
+
+def _coalesce(event: StreamEvent, pending: asyncio.Queue) -> StreamEvent:
+    """Merge the events already waiting into one: a consumer that fell behind (a slow client,
+    a busy event loop) catches up in one write instead of one per token."""
+    while event.finish_reason is None and not pending.empty():
+        later = pending.get_nowait()
+        event = StreamEvent(event.text + later.text, event.token_ids + later.token_ids, later.finish_reason,
+                            later.error, later.prompt_tokens, later.completion_tokens)
+    return event
 
 
 class _Consumer:
@@ -154,10 +188,7 @@ class _Consumer:
         return text, ids
 
     def send(self, event: StreamEvent) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-            pass
+        _deliver(self.loop, [(self, event)])
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:

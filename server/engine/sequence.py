@@ -22,14 +22,17 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     request: GenerationRequest
     prompt_ids: list[int]
-    generator: object = None  # torch.Generator for seeded sampling; opaque to the scheduler
+    seed: int = 0  # sampling seed: the request's, else drawn at random (see server/engine/sampler.py)
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose keys/values are in the KV cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    text: str = ""  # output text so far, truncated at a stop string when one matched
+    # decode(output_ids) so far (ending in U+FFFD while a character is incomplete), truncated
+    # at a stop string when one matched
+    text: str = ""
+    detokenizer: object = None  # IncrementalDetokenizer that keeps `text`, made by the engine at the first token
     adapter_key: Hashable | None = None  # identity of the adapter's weights, None = base model
     lora_slot: int = -1  # device slot while running with an adapter
     error: str | None = None  # why it finished abnormally (e.g. its adapter failed to load)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+
 
 class KVCache:
     def __init__(
@@ -35,14 +37,5 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (T, kv_heads, head_dim) at flat slots (T,) = block * block_size + offset."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
-
-    def gather(self, layer: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` keys and values of one sequence: (length, kv_heads, head_dim) each."""
-        num_blocks = -(-length // self.block_size)
-        blocks = block_table[:num_blocks]
-        k = self.k[layer].index_select(0, blocks).flatten(0, 1)[:length]
-        v = self.v[layer].index_select(0, blocks).flatten(0, 1)[:length]
-        return k, v
+        """Store k, v (T, kv_heads, head_dim) at flat slots (T,) = block * block_size + offset; -1 skips."""
+        kernels.write_kv(self.k[layer], self.v[layer], slot_mapping, k, v)

@@ -3,18 +3,33 @@
 The engine says, for each sequence, which tokens to feed, where they start, its KV block
 table and its LoRA slot; the runner lays them end to end, builds the attention and LoRA
 metadata once for the step, and returns the logits of each sequence's last fed token.
+
+Every int32 input of a step (token ids, positions, KV slots, query offsets, context lengths,
+block tables, logits rows) is written into one page-locked host buffer and reaches the GPU in
+one copy, into a device buffer of the same layout that lives as long as the runner; the LoRA
+metadata is one preallocated object refilled in place. Fixed addresses are what lets decode
+steps replay CUDA graphs (server/model/cuda_graphs.py): a decode batch that fits a captured
+size is padded to it and replayed; prefill and mixed steps run eagerly on the same buffers.
+
+The host buffer is rewritten by the next step only once the previous copy out of it is done
+(an event; in the engine the step's token read-back has already waited for it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from kernels import LoRABatchMeta
 from server.model.attention import AttentionMeta
 from server.model.kv_cache import KVCache
 from server.model.llama import LlamaModel
+
+DEFAULT_MAX_SEQS = 256
+DEFAULT_MAX_TOKENS = 2048
 
 
 @dataclass
@@ -25,45 +40,184 @@ class SequenceChunk:
     lora_slot: int = -1  # adapter pool slot, -1 = base model
 
 
+class StepBuffers:
+    """The step's int32 inputs, in a fixed layout on the host (pinned) and on the device.
+
+    Regions: input_ids, positions, slot_mapping (max_tokens each), logits_indices (max_seqs),
+    query_starts (max_seqs + 1), context_lens (max_seqs), block_tables (max_seqs x max_blocks,
+    last, so a step copies only the rows it uses)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, device: torch.device):
+        self.max_tokens, self.max_seqs, self.max_blocks, self.block_size = max_tokens, max_seqs, max_blocks, block_size
+        sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
+                 "logits_indices": max_seqs, "query_starts": max_seqs + 1, "context_lens": max_seqs,
+                 "block_tables": max_seqs * max_blocks}
+        self._offsets, total = {}, 0
+        for name, size in sizes.items():
+            self._offsets[name] = (total, size)
+            total += size
+        on_gpu = device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=on_gpu)
+        # on the CPU the model reads the host buffer itself
+        self.device_buffer = torch.zeros(total, dtype=torch.int32, device=device) if on_gpu else self.host
+        self._np = self.host.numpy()
+        self._copied = torch.cuda.Event() if on_gpu else None  # the last copy out of `host`
+
+    def host_view(self, name: str) -> np.ndarray:
+        start, size = self._offsets[name]
+        return self._np[start : start + size]
+
+    def device_view(self, name: str, length: int) -> torch.Tensor:
+        start, _ = self._offsets[name]
+        return self.device_buffer[start : start + length]
+
+    def block_tables(self, num_seqs: int) -> torch.Tensor:
+        start, _ = self._offsets["block_tables"]
+        return self.device_buffer[start : start + num_seqs * self.max_blocks].view(num_seqs, self.max_blocks)
+
+    def fits(self, num_tokens: int, num_seqs: int, max_blocks: int) -> bool:
+        return num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and max_blocks <= self.max_blocks
+
+    def fill(self, chunks: list[SequenceChunk], pad_to: int = 0) -> tuple[list[int], list[int]]:
+        """Write the step's inputs and copy them to the device; returns the host query starts
+        and context lengths. `pad_to` (decode only) adds padding sequences of no tokens'
+        attention and no KV writes, up to that many tokens and sequences."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has left `host` (at once, when it synced since)
+        num_seqs = len(chunks)
+        counts = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((c.start_position for c in chunks), dtype=np.int64, count=num_seqs)
+        query_starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_starts[1:])
+        num_tokens = int(query_starts[-1])
+        context_lens = starts + counts
+        tables = self.host_view("block_tables").reshape(self.max_seqs, self.max_blocks)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = c.block_table
+        seq_of_token = np.repeat(np.arange(num_seqs), counts)  # (T,)
+        positions = np.arange(num_tokens) + np.repeat(starts - query_starts[:-1], counts)  # (T,)
+        blocks = tables[seq_of_token, positions // self.block_size]
+        self.host_view("input_ids")[:num_tokens] = list(chain.from_iterable(c.token_ids for c in chunks))
+        self.host_view("positions")[:num_tokens] = positions
+        self.host_view("slot_mapping")[:num_tokens] = blocks * self.block_size + positions % self.block_size
+        self.host_view("logits_indices")[:num_seqs] = query_starts[1:] - 1
+        self.host_view("query_starts")[: num_seqs + 1] = query_starts
+        self.host_view("context_lens")[:num_seqs] = context_lens
+        rows = num_seqs
+        if pad_to > num_seqs:
+            pad = slice(num_tokens, pad_to)
+            self.host_view("input_ids")[pad] = 0
+            self.host_view("positions")[pad] = 0
+            self.host_view("slot_mapping")[pad] = -1  # padding writes no KV
+            self.host_view("query_starts")[num_seqs + 1 : pad_to + 1] = num_tokens  # and attends to nothing
+            self.host_view("context_lens")[num_seqs:pad_to] = 0
+            rows = pad_to
+        if self.device_buffer is not self.host:
+            end = self._offsets["block_tables"][0] + rows * self.max_blocks
+            self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
+            self._copied.record()
+        return query_starts.tolist(), context_lens.tolist()
+
+    def attention_meta(self, num_tokens: int, num_seqs: int, max_query_len: int, sliding_window: int | None,
+                       host_query_starts: list[int] | None = None, host_context_lens: list[int] | None = None
+                       ) -> AttentionMeta:
+        return AttentionMeta(
+            positions=self.device_view("positions", num_tokens),
+            slot_mapping=self.device_view("slot_mapping", num_tokens),
+            query_starts=self.device_view("query_starts", num_seqs + 1),
+            context_lens=self.device_view("context_lens", num_seqs),
+            block_tables=self.block_tables(num_seqs),
+            max_query_len=max_query_len,
+            sliding_window=sliding_window,
+            host_query_starts=host_query_starts,
+            host_context_lens=host_context_lens,
+        )
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device | str):
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device | str, *,
+                 max_num_seqs: int = DEFAULT_MAX_SEQS, max_num_batched_tokens: int = DEFAULT_MAX_TOKENS,
+                 max_model_len: int = 0):
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device)
         self.block_size = kv_cache.block_size
+        max_blocks = -(-max_model_len // self.block_size) if max_model_len else kv_cache.num_blocks
+        self._capacity = (max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks)
+        self.buffers = StepBuffers(*self._capacity, self.block_size, self.device)
+        self.lora_meta = LoRABatchMeta.build([], self.device, capacity=self.buffers.max_tokens)
+        self.graphs = None  # DecodeGraphs once captured (capture_decode_graphs)
+
+    def warm_up(self, capture_graphs: bool = True) -> None:
+        """Before the first request: run prefill and mixed steps of a few shapes (with and without
+        adapter slots) so Triton compiles and cuBLAS chooses now, then capture the decode graphs.
+        The steps write scratch keys/values into free KV blocks; nothing reads them."""
+        num_slots = self.model.layers[0].self_attn.qkv_proj.lora
+        num_slots = num_slots.lora_a[0].shape[0] if num_slots is not None else 0
+        budget, bs = self.buffers.max_tokens, self.block_size
+        shapes = [[min(512, budget)], [min(128, budget // 8)] * 8, [1] * 4 + [min(256, budget - 4)]]
+        for lengths in shapes:
+            for with_lora in (False, True) if num_slots else (False,):
+                chunks, next_block = [], 0
+                for i, n in enumerate(lengths):
+                    blocks = -(-n // bs)
+                    if next_block + blocks > self.kv_cache.num_blocks:
+                        break
+                    table = list(range(next_block, next_block + blocks))
+                    next_block += blocks
+                    chunks.append(SequenceChunk([1] * n, 0, table, lora_slot=i % num_slots if with_lora else -1))
+                if chunks:
+                    self.run(chunks)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if capture_graphs and self.device.type == "cuda":
+            self.capture_decode_graphs(self.buffers.max_seqs)
+
+    def capture_decode_graphs(self, max_batch_size: int) -> None:
+        """Capture the decode forward for a ladder of batch sizes (CUDA only; see cuda_graphs.py)."""
+        from server.model.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self, max_batch_size)
+        self.graphs.capture()
 
     def run(self, chunks: list[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
         """Logits (B, vocab) fp32 at each chunk's last token; with all_logits, (T, vocab)."""
-        input_ids, positions, slots, token_slots = [], [], [], []
-        query_starts, context_lens = [0], []
         for c in chunks:
-            n = len(c.token_ids)
-            end = c.start_position + n
+            end = c.start_position + len(c.token_ids)
             if end > len(c.block_table) * self.block_size:
                 raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {end} tokens")
-            pos = range(c.start_position, end)
-            input_ids.extend(c.token_ids)
-            positions.extend(pos)
-            slots.extend(c.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in pos)
-            token_slots.extend([c.lora_slot] * n)
-            query_starts.append(query_starts[-1] + n)
-            context_lens.append(end)
-        max_blocks = max(len(c.block_table) for c in chunks)
-        tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+        num_seqs = len(chunks)
+        token_slots = [c.lora_slot for c in chunks for _ in c.token_ids]
+        num_tokens = len(token_slots)
+        has_lora = any(s >= 0 for s in token_slots)
+        is_decode = num_tokens == num_seqs
+        if is_decode and not all_logits and self.graphs is not None:
+            size = self.graphs.size_for(num_seqs)
+            if size is not None:
+                self.buffers.fill(chunks, pad_to=size)
+                if has_lora:
+                    self.lora_meta.update(token_slots + [-1] * (size - num_seqs))
+                return self.graphs.replay(size, has_lora)[:num_seqs]
+        self._ensure_capacity(num_tokens, num_seqs, max(len(c.block_table) for c in chunks))
+        query_starts, context_lens = self.buffers.fill(chunks)
+        max_query_len = max(len(c.token_ids) for c in chunks)
+        attn = self.buffers.attention_meta(num_tokens, num_seqs, max_query_len, self.model.config.sliding_window,
+                                           query_starts, context_lens)
+        lora = None
+        if has_lora:
+            self.lora_meta.update(token_slots)
+            lora = self.lora_meta
+        logits_indices = None if all_logits else self.buffers.device_view("logits_indices", num_seqs)
+        return self.model(self.buffers.device_view("input_ids", num_tokens), attn, self.kv_cache, lora, logits_indices)
 
-        dev = self.device
-        attn = AttentionMeta(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_starts=query_starts,
-            context_lens=context_lens,
-            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
-            sliding_window=self.model.config.sliding_window,
-        )
-        lora = LoRABatchMeta.build(token_slots, dev) if any(s >= 0 for s in token_slots) else None
-        logits_indices = None
-        if not all_logits:
-            logits_indices = torch.tensor([e - 1 for e in query_starts[1:]], dtype=torch.int64, device=dev)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        return self.model(ids, attn, self.kv_cache, lora, logits_indices)
+    def _ensure_capacity(self, num_tokens: int, num_seqs: int, max_blocks: int) -> None:
+        """Library callers may exceed the defaults; the engine never does (graphs keep the buffers)."""
+        if self.buffers.fits(num_tokens, num_seqs, max_blocks):
+            return
+        if self.graphs is not None:
+            raise ValueError(f"a step of {num_tokens} tokens, {num_seqs} sequences, {max_blocks} blocks exceeds "
+                             f"the runner's capacity {self._capacity}")
+        tokens, seqs, blocks = self._capacity
+        self._capacity = (max(tokens, num_tokens, num_seqs), max(seqs, num_seqs), max(blocks, max_blocks))
+        self.buffers = StepBuffers(*self._capacity, self.block_size, self.device)
+        self.lora_meta = LoRABatchMeta.build([], self.device, capacity=self._capacity[0])
