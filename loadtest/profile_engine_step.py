@@ -1,0 +1,122 @@
+"""Where a decode step's time goes, on a Llama-2-7B-shaped model (GPU).
+
+    PYTHONPATH=. python3 loadtest/profile_engine_step.py [--out DIR] [--batch 64]
+
+For a batch of sequences decoding (base model, then each on its own rank-16 q,k,v,o adapter):
+the host's share of a step (schedule, building and launching the forward, waiting for the GPU,
+sampling with the read-back, postprocess), medians over 20 steps; then the torch profiler's GPU
+kernels over 5 steps, grouped by kernel, as a share of the step; and a mixed step (the batch's
+decodes plus one 128-token prefill, which runs eagerly). Writes engine_profile_h200.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from loadtest.random_model import LLAMA2_7B, StubTokenizer, random_adapter, random_model
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, SamplingParams
+
+PROMPT, RANK = 128, 16
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def start_batch(engine: Engine, adapters: list[str | None], max_tokens: int = 200) -> None:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, a in enumerate(adapters):
+        engine.add_request(GenerationRequest([1 + (i * 7 + j) % 30000 for j in range(PROMPT)], params, adapter=a))
+    while engine.scheduler.num_waiting or any(s.num_cached_tokens < len(s.prompt_ids) for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+
+
+def host_breakdown(engine: Engine, steps: int = 20) -> dict:
+    parts = {"schedule": [], "run (build + launch)": [], "gpu wait": [], "sample + postprocess": [], "step": []}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        logits = engine.run(out.chunks)
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        engine.postprocess(out.chunks, logits)
+        t4 = time.perf_counter()
+        for name, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+            parts[name].append(value * 1e3)
+    return {name: round(statistics.median(v), 3) for name, v in parts.items()}
+
+
+def kernel_profile(engine: Engine, steps: int = 5, top: int = 14) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    rows = []
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
+    for e in sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:top]:
+        t = getattr(e, "self_device_time_total", 0)
+        rows.append({"kernel": e.key[:90], "us_per_step": round(t / steps, 1), "share": round(t / total, 3),
+                     "calls_per_step": e.count // steps})
+    rows.append({"kernel": "TOTAL GPU", "us_per_step": round(total / steps, 1), "share": 1.0, "calls_per_step": 0})
+    return rows
+
+
+def mixed_step_ms(engine: Engine, adapter: str | None) -> float:
+    """One step with every running decode plus one new 128-token prompt (eager: not graphed)."""
+    times = []
+    for i in range(5):
+        engine.add_request(GenerationRequest([7 + (i * 13 + j) % 30000 for j in range(PROMPT)],
+                                             SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapter=adapter))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+        engine.step()  # a decode step in between
+    return round(statistics.median(times), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "loadtest/results"))
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    batch = args.batch
+    settings = Settings(device="cuda", dtype="bfloat16", max_loras=batch + 8, max_lora_rank=RANK,
+                        max_num_seqs=batch + 8, num_kv_blocks=(batch + 8) * 512 // 16, max_model_len=1024)
+    model = random_model(LLAMA2_7B, torch.bfloat16, "cuda")
+    engine = Engine(model, StubTokenizer(), settings)
+    for i in range(batch):
+        engine.add_adapter(f"t{i}", random_adapter(model.config, RANK, QKVO, seed=i, device="cuda"))
+    report = {"command": "PYTHONPATH=. python3 loadtest/profile_engine_step.py", "batch": batch,
+              "device": torch.cuda.get_device_name(), "cases": {}}
+    for case, adapters in (("base", [None] * batch), ("adapters", [f"t{i}" for i in range(batch)])):
+        start_batch(engine, adapters)
+        result = {"host_ms": host_breakdown(engine), "kernels": kernel_profile(engine),
+                  "mixed_step_ms": mixed_step_ms(engine, adapters[0])}
+        report["cases"][case] = result
+        for seq in list(engine.scheduler.running):
+            engine.abort(seq)
+        print(f"== {case}: host ms {result['host_ms']}  mixed step {result['mixed_step_ms']} ms")
+        for row in result["kernels"]:
+            print(f"   {row['us_per_step']:9.1f} us {row['share']:6.1%} x{row['calls_per_step']:<4} {row['kernel']}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "engine_profile_h200.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
