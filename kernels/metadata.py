@@ -60,7 +60,6 @@ def max_tiles(num_tokens: int, num_slots: int, tile: int) -> int:
 class LoRABatchMeta:
     token_slots: torch.Tensor  # (T,) int32, -1 = base model only
     active_slots: list[int]  # distinct slots >= 0 in the batch, ascending
-    token_indices: list[torch.Tensor]  # per active slot: int64 indices of its tokens
     # --- the kernels' device view (see the module docstring); None only if built by hand
     capacity: int = 0  # most tokens the buffers hold
     packed: torch.Tensor | None = field(default=None, repr=False)  # int32, every field below
@@ -75,6 +74,7 @@ class LoRABatchMeta:
     num_tiles_hint: dict[int, int] = field(default_factory=dict, repr=False)
     max_group_tokens: int = 0
     _sorted64: torch.Tensor | None = field(default=None, repr=False)  # int64 twin of sorted_tokens
+    _groups: list[tuple[int, int, int]] = field(default_factory=list, repr=False)  # (slot, start, count), slot >= 0
 
     @classmethod
     def build(
@@ -86,7 +86,7 @@ class LoRABatchMeta:
         packed = torch.zeros(_packed_len(capacity), dtype=torch.int32, device=device)
         sorted64 = torch.zeros(capacity, dtype=torch.int64, device=device)
         counters = torch.zeros(capacity * MAX_SLICES * MAX_RANK_CHUNKS + 1, dtype=torch.int32, device=device)
-        meta = cls(token_slots=packed[:0], active_slots=[], token_indices=[], capacity=capacity)
+        meta = cls(token_slots=packed[:0], active_slots=[], capacity=capacity)
         meta.packed, meta._sorted64, meta.split_counters = packed, sorted64, counters
         views = _views(packed, capacity)
         meta.sorted_tokens, meta.group_slot, meta.group_start, meta.group_count, meta.num_groups = views[1:6]
@@ -114,14 +114,21 @@ class LoRABatchMeta:
         self.packed.copy_(src32, non_blocking=pin)
         self._sorted64.copy_(src64, non_blocking=pin)
         self.token_slots = self.packed[1 : 1 + num_tokens]
-        self.active_slots = [slot for slot, _, _ in groups if slot >= 0]
-        self.token_indices = [self._sorted64[start : start + n] for slot, start, n in groups if slot >= 0]
-        self.num_tiles_hint = {bt: sum(-(-n // bt) for _, _, n in groups) for bt in TILE_SIZES}
-        self.max_group_tokens = max((n for slot, _, n in groups if slot >= 0), default=0)
+        self._groups = [(slot, start, n) for slot, start, n in groups if slot >= 0]
+        self.active_slots = [slot for slot, _, _ in self._groups]
+        counts = np.array([n for _, _, n in groups], dtype=np.int64)
+        self.num_tiles_hint = {bt: int((-(-counts // bt)).sum()) for bt in TILE_SIZES}
+        self.max_group_tokens = max((n for _, _, n in self._groups), default=0)
 
     @property
     def has_lora(self) -> bool:
         return bool(self.active_slots)
+
+    @property
+    def token_indices(self) -> list[torch.Tensor]:
+        """Per active slot, the int64 indices of its tokens (views; made on demand: the GPU
+        kernels never need them, and a view per slot per step costs host time)."""
+        return [self._sorted64[start : start + n] for _, start, n in self._groups]
 
     def groups(self):
         """(slot, token indices) for every slot used in this step."""

@@ -5,8 +5,8 @@
 For a batch of sequences decoding (base model, then each on its own rank-16 q,k,v,o adapter):
 the host's share of a step (schedule, building and launching the forward, waiting for the GPU,
 sampling with the read-back, postprocess), medians over 20 steps; then the torch profiler's GPU
-kernels over 5 steps, grouped by kernel, as a share of the step; and a mixed step (the batch's
-decodes plus one 128-token prefill, which runs eagerly). Writes engine_profile_h200.json.
+kernels over 5 steps, grouped by kernel, as a share of the step; and mixed steps (the batch's
+decodes plus one 128-token prefill, which run eagerly): their median, and one profiled (host vs GPU). Writes engine_profile_h200.json.
 """
 
 from __future__ import annotations
@@ -75,19 +75,38 @@ def kernel_profile(engine: Engine, steps: int = 5, top: int = 14) -> list[dict]:
     return rows
 
 
-def mixed_step_ms(engine: Engine, adapter: str | None) -> float:
-    """One step with every running decode plus one new 128-token prompt (eager: not graphed)."""
-    times = []
-    for i in range(5):
+def mixed_step(engine: Engine, adapter: str | None, top: int = 12) -> dict:
+    """Steps with every running decode plus one new 128-token prompt (eager: not graphed): the
+    median time, then one under the profiler: host vs GPU time and the top host-side ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def add(i: int) -> None:
         engine.add_request(GenerationRequest([7 + (i * 13 + j) % 30000 for j in range(PROMPT)],
                                              SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapter=adapter))
+
+    times = []
+    for i in range(7):
+        add(i)
         torch.cuda.synchronize()
         start = time.perf_counter()
         engine.step()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
         engine.step()  # a decode step in between
-    return round(statistics.median(times), 3)
+    add(99)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"median_ms": round(statistics.median(times), 3), "all_ms": [round(t, 2) for t in times],
+            "profiled_wall_ms": round(wall, 2), "profiled_gpu_ms": round(gpu_us / 1e3, 2),
+            "top_host_ops": [{"op": e.key[:70], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
+                             for e in host]}
 
 
 def main() -> None:
@@ -107,13 +126,18 @@ def main() -> None:
     for case, adapters in (("base", [None] * batch), ("adapters", [f"t{i}" for i in range(batch)])):
         start_batch(engine, adapters)
         result = {"host_ms": host_breakdown(engine), "kernels": kernel_profile(engine),
-                  "mixed_step_ms": mixed_step_ms(engine, adapters[0])}
+                  "mixed_step": mixed_step(engine, adapters[0])}
         report["cases"][case] = result
         for seq in list(engine.scheduler.running):
             engine.abort(seq)
-        print(f"== {case}: host ms {result['host_ms']}  mixed step {result['mixed_step_ms']} ms")
+        mixed = result["mixed_step"]
+        print(f"== {case}: host ms {result['host_ms']}")
         for row in result["kernels"]:
             print(f"   {row['us_per_step']:9.1f} us {row['share']:6.1%} x{row['calls_per_step']:<4} {row['kernel']}")
+        print(f"   mixed step: median {mixed['median_ms']} ms {mixed['all_ms']}; profiled {mixed['profiled_wall_ms']} ms "
+              f"wall, {mixed['profiled_gpu_ms']} ms GPU; top host ops:")
+        for row in mixed["top_host_ops"]:
+            print(f"      {row['self_cpu_ms']:8.2f} ms x{row['calls']:<5} {row['op']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "engine_profile_h200.json").write_text(json.dumps(report, indent=2))
 

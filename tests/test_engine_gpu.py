@@ -60,13 +60,14 @@ def test_graph_replay_gives_the_eager_tokens(adapters):
 
 
 def test_runner_on_cuda_matches_the_cpu_through_prefill_and_decode():
-    """Paged attention and KV writes on the GPU (Triton) against the CPU path, eager and graphed."""
+    """Paged attention and KV writes on the GPU (Triton) against the CPU path; every step here
+    replays a graph (the prefill steps a mixed one)."""
     cpu_model = random_model(SMALL, torch.float32, "cpu", seed=2)
     gpu_model = random_model(SMALL, torch.float32, "cpu", seed=2).to("cuda")
     c = cpu_model.config
     runners = [ModelRunner(m, KVCache(c.num_layers, 64, 16, c.num_kv_heads, c.head_dim, torch.float32, dev), dev,
                            max_num_seqs=8, max_model_len=512) for m, dev in ((cpu_model, "cpu"), (gpu_model, "cuda"))]
-    runners[1].capture_decode_graphs(8)
+    runners[1].capture_graphs(8)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 1000, (n,), generator=gen).tolist() for n in (17, 1, 33, 16, 5)]
     tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(prompts))]

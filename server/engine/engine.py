@@ -213,7 +213,7 @@ class Engine:
         """Logits (len(chunks), vocab) at each chunk's last token."""
         return self.runner.run([
             SequenceChunk(
-                token_ids=c.seq.all_ids[c.seq.num_cached_tokens : c.seq.num_cached_tokens + c.num_tokens],
+                token_ids=c.seq.token_slice(c.seq.num_cached_tokens, c.num_tokens),
                 start_position=c.seq.num_cached_tokens,
                 block_table=c.seq.block_table,
                 lora_slot=c.seq.lora_slot,

@@ -54,6 +54,15 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def token_slice(self, start: int, count: int) -> list[int]:
+        """all_ids[start:start + count] without concatenating prompt and output (every step)."""
+        num_prompt = len(self.prompt_ids)
+        if start >= num_prompt:
+            return self.output_ids[start - num_prompt : start - num_prompt + count]
+        if start + count <= num_prompt:
+            return self.prompt_ids[start : start + count]
+        return self.all_ids[start : start + count]
+
     @property
     def uncached_ids(self) -> list[int]:
         """Tokens still to feed: the prompt (or all tokens after preemption), else the last output."""

@@ -1,20 +1,28 @@
-"""CUDA graphs of the decode forward: captured once per padded batch size, replayed per step.
+"""CUDA graphs of the model's step: captured once per padded shape, replayed per step.
 
-A decode step of a 7B model is ~600 kernels of a few microseconds each; launched one by one
-from Python the GPU waits on the host. Captured, the whole forward (embedding, every layer's
-projections, KV write, paged attention, the LoRA kernels with their metadata, the LM head)
-is one replay. This class owns the graphs, the memory pool they share and their logits
-output; their inputs are the runner's fixed-address step buffers and LoRA metadata, which
-the runner fills before `replay`, so nothing else needs to know that graphs exist.
+A step of a 7B model is ~600 kernels of a few microseconds each; launched one by one from
+Python the GPU waits on the host (an eager mixed step measured 2-5x its GPU time). Captured,
+the whole forward (embedding, every layer's projections, KV write, paged attention, the LoRA
+kernels with their metadata, the LM head at each sequence's last token) is one replay. This
+class owns the graphs, the memory pool they share and their logits output; their inputs are
+the runner's fixed-address step buffers and LoRA metadata, which the runner fills (padded to
+the graph's shape) before `replay`, so nothing else needs to know that graphs exist.
 
-Two graphs per size: one without LoRA kernels (a batch of base-model tokens only), one with
-them (any mix of slots, -1 for base tokens). The LoRA graph is captured on a batch of
-distinct slots, the launch configuration the kernels choose for decode batches whose tokens
-mostly have adapters of their own; other mixes replay it correctly.
+Two families of shapes:
+- decode: B sequences of one token each, B in 1, 2, 4, 8, then steps of 16 up to the largest
+  batch; a batch is padded to the smallest size that holds it.
+- mixed: prefill chunks beside decodes (in a closed loop about every other step has a new
+  prompt), T tokens padded to 256, 512, 1024, ... up to the step's token budget, sequences
+  padded to the most running at once, the attention grid sized for a query run of T tokens.
+Padding tokens write no KV (slot -1) and belong to no sequence; padding sequences have no
+query tokens: neither reaches a real row's result.
 
-Sizes: 1, 2, 4, 8, then steps of 16 up to the largest batch; a batch is padded to the
-smallest size that holds it (padding tokens write no KV and attend to nothing). Capture
-runs largest first so smaller graphs reuse the pool's memory.
+Two graphs per shape: one without LoRA kernels (a batch of base-model tokens only), one with
+them (any mix of slots, -1 for base tokens). The LoRA kernels choose their launch
+configuration from the metadata's host-side hints at capture: decode graphs are captured on
+distinct slots (what decode batches mostly are), mixed graphs on distinct decode slots plus
+one long run; other mixes replay correctly, at the captured configuration's speed.
+Capture runs largest first so smaller graphs reuse the pool's memory.
 """
 
 from __future__ import annotations
@@ -29,68 +37,93 @@ if TYPE_CHECKING:
     from server.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
+MIXED_MIN_TOKENS = 256
 
 
-def graph_batch_sizes(max_batch_size: int) -> list[int]:
+def decode_batch_sizes(max_batch_size: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size] + list(range(16, max_batch_size, 16))
     return sorted(set(sizes + [max_batch_size]))
 
 
-class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_batch_size: int):
-        self.runner = runner
-        self.sizes = graph_batch_sizes(min(max_batch_size, runner.buffers.max_seqs))
-        model = runner.model
-        first = next(model.projections())[2]
-        self.num_lora_slots = first.lora.lora_a[0].shape[0] if first.lora is not None else 0
-        vocab = model.config.vocab_size
-        self.logits = torch.empty(self.sizes[-1], vocab, dtype=torch.float32, device=runner.device)
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+def mixed_token_sizes(max_tokens: int) -> list[int]:
+    sizes, size = [], MIXED_MIN_TOKENS
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_tokens]
 
-    def size_for(self, num_seqs: int) -> int | None:
-        """The smallest captured size that holds the batch, None when the batch is too large."""
-        for size in self.sizes:
-            if size >= num_seqs:
-                return size
+
+class StepGraphs:
+    def __init__(self, runner: ModelRunner, max_batch_size: int, mixed: bool = True):
+        self.runner = runner
+        buffers = runner.buffers
+        self.max_seqs = min(max_batch_size, buffers.max_seqs)
+        self.decode_sizes = decode_batch_sizes(self.max_seqs)
+        self.mixed_sizes = mixed_token_sizes(buffers.max_tokens) if mixed else []
+        first = next(runner.model.projections())[2]
+        self.num_lora_slots = first.lora.lora_a[0].shape[0] if first.lora is not None else 0
+        vocab = runner.model.config.vocab_size
+        self.logits = torch.empty(self.max_seqs, vocab, dtype=torch.float32, device=runner.device)
+        self._graphs: dict[tuple[str, int, bool], torch.cuda.CUDAGraph] = {}
+
+    def shape_for(self, num_tokens: int, num_seqs: int) -> tuple[str, int] | None:
+        """("decode", B_pad) or ("mixed", T_pad) for a step, None when no graph holds it."""
+        if num_seqs > self.max_seqs:
+            return None
+        if num_tokens == num_seqs:
+            return "decode", next(b for b in self.decode_sizes if b >= num_seqs)
+        for size in self.mixed_sizes:
+            if size >= num_tokens:
+                return "mixed", size
         return None
+
+    def padding(self, kind: str, size: int) -> tuple[int, int]:
+        """(tokens, sequences) a step of this shape is padded to."""
+        return (size, size) if kind == "decode" else (size, self.max_seqs)
 
     def capture(self) -> None:
         start = time.perf_counter()
         pool = None
         variants = (False, True) if self.num_lora_slots else (False,)
-        for size in reversed(self.sizes):
+        shapes = [("mixed", t) for t in reversed(self.mixed_sizes)] + [("decode", b) for b in reversed(self.decode_sizes)]
+        for kind, size in shapes:
             for with_lora in variants:
-                self._forward(size, with_lora)  # eager first: Triton compiles, cuBLAS picks its kernels
+                self._write_dummy_inputs(kind, size, with_lora)
+                self._forward(kind, size, with_lora)  # eager first: Triton compiles, cuBLAS picks its kernels
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._forward(size, with_lora)
+                    self._forward(kind, size, with_lora)
                 pool = graph.pool() if pool is None else pool
-                self._graphs[(size, with_lora)] = graph
+                self._graphs[(kind, size, with_lora)] = graph
         torch.cuda.synchronize()
-        log.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self._graphs), self.sizes,
-                 time.perf_counter() - start)
+        log.info("captured %d step graphs (decode batch sizes %s, mixed token sizes %s) in %.1f s",
+                 len(self._graphs), self.decode_sizes, self.mixed_sizes, time.perf_counter() - start)
 
-    def replay(self, size: int, with_lora: bool) -> torch.Tensor:
-        """Run the captured forward over the inputs the runner just wrote; logits (size, vocab)."""
-        self._graphs[(size, with_lora)].replay()
-        return self.logits[:size]
+    def replay(self, kind: str, size: int, with_lora: bool) -> torch.Tensor:
+        """Run the captured forward over the inputs the runner just wrote; logits (sequences, vocab)."""
+        self._graphs[(kind, size, with_lora)].replay()
+        return self.logits[: self.padding(kind, size)[1]]
 
-    def _forward(self, size: int, with_lora: bool) -> None:
+    def _forward(self, kind: str, size: int, with_lora: bool) -> None:
         runner = self.runner
-        if not torch.cuda.is_current_stream_capturing():
-            self._write_dummy_inputs(size, with_lora)
-        buffers = runner.buffers
-        attn = buffers.attention_meta(size, size, 1, runner.model.config.sliding_window)
+        num_tokens, num_seqs = self.padding(kind, size)
+        max_query_len = 1 if kind == "decode" else num_tokens
+        attn = runner.buffers.attention_meta(num_tokens, num_seqs, max_query_len, runner.model.config.sliding_window)
         lora = runner.lora_meta if with_lora else None
-        logits = runner.model(buffers.device_view("input_ids", size), attn, runner.kv_cache, lora, None)
-        self.logits[:size].copy_(logits)
+        logits_indices = None if kind == "decode" else runner.buffers.device_view("logits_indices", num_seqs)
+        logits = runner.model(runner.buffers.device_view("input_ids", num_tokens), attn, runner.kv_cache, lora,
+                              logits_indices)
+        self.logits[:num_seqs].copy_(logits)
 
-    def _write_dummy_inputs(self, size: int, with_lora: bool) -> None:
-        """A decode batch of `size` padding sequences (no KV writes, no attention), and for the
-        LoRA graph, distinct slots: the metadata's host-side hints pick the kernels' configuration."""
+    def _write_dummy_inputs(self, kind: str, size: int, with_lora: bool) -> None:
+        """One real one-token sequence (scratch KV in block 0) plus padding; for the LoRA graphs
+        token slots whose host-side hints pick the configuration (see the module docstring)."""
         from server.model.runner import SequenceChunk
 
-        self.runner.buffers.fill([SequenceChunk([0], 0, [0])], pad_to=size)
+        num_tokens, num_seqs = self.padding(kind, size)
+        self.runner.buffers.fill([SequenceChunk([0], 0, [0])], pad_tokens=num_tokens, pad_seqs=num_seqs)
         if with_lora:
-            self.runner.lora_meta.update([t % self.num_lora_slots for t in range(size)])
+            slots = [t % self.num_lora_slots for t in range(num_seqs)]
+            slots += [0] * (num_tokens - num_seqs)  # a prefill run beside the decodes (mixed shapes)
+            self.runner.lora_meta.update(slots)

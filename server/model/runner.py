@@ -7,9 +7,9 @@ metadata once for the step, and returns the logits of each sequence's last fed t
 Every int32 input of a step (token ids, positions, KV slots, query offsets, context lengths,
 block tables, logits rows) is written into one page-locked host buffer and reaches the GPU in
 one copy, into a device buffer of the same layout that lives as long as the runner; the LoRA
-metadata is one preallocated object refilled in place. Fixed addresses are what lets decode
-steps replay CUDA graphs (server/model/cuda_graphs.py): a decode batch that fits a captured
-size is padded to it and replayed; prefill and mixed steps run eagerly on the same buffers.
+metadata is one preallocated object refilled in place. Fixed addresses are what lets steps
+replay CUDA graphs (server/model/cuda_graphs.py): a step that fits a captured shape is padded
+to it and replayed; others (and every step on the CPU) run eagerly on the same buffers.
 
 The host buffer is rewritten by the next step only once the previous copy out of it is done
 (an event; in the engine the step's token read-back has already waited for it).
@@ -78,10 +78,11 @@ class StepBuffers:
     def fits(self, num_tokens: int, num_seqs: int, max_blocks: int) -> bool:
         return num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and max_blocks <= self.max_blocks
 
-    def fill(self, chunks: list[SequenceChunk], pad_to: int = 0) -> tuple[list[int], list[int]]:
+    def fill(self, chunks: list[SequenceChunk], pad_tokens: int = 0, pad_seqs: int = 0) -> tuple[list[int], list[int]]:
         """Write the step's inputs and copy them to the device; returns the host query starts
-        and context lengths. `pad_to` (decode only) adds padding sequences of no tokens'
-        attention and no KV writes, up to that many tokens and sequences."""
+        and context lengths. `pad_tokens` / `pad_seqs` (the shape of a captured graph) add
+        padding tokens, which write no KV and belong to no sequence, and padding sequences,
+        which have no query tokens and a context of 0."""
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left `host` (at once, when it synced since)
         num_seqs = len(chunks)
@@ -103,17 +104,17 @@ class StepBuffers:
         self.host_view("logits_indices")[:num_seqs] = query_starts[1:] - 1
         self.host_view("query_starts")[: num_seqs + 1] = query_starts
         self.host_view("context_lens")[:num_seqs] = context_lens
-        rows = num_seqs
-        if pad_to > num_seqs:
-            pad = slice(num_tokens, pad_to)
+        if pad_tokens > num_tokens:
+            pad = slice(num_tokens, pad_tokens)
             self.host_view("input_ids")[pad] = 0
             self.host_view("positions")[pad] = 0
             self.host_view("slot_mapping")[pad] = -1  # padding writes no KV
-            self.host_view("query_starts")[num_seqs + 1 : pad_to + 1] = num_tokens  # and attends to nothing
-            self.host_view("context_lens")[num_seqs:pad_to] = 0
-            rows = pad_to
+        if pad_seqs > num_seqs:
+            self.host_view("query_starts")[num_seqs + 1 : pad_seqs + 1] = num_tokens  # no query tokens
+            self.host_view("context_lens")[num_seqs:pad_seqs] = 0
+            self.host_view("logits_indices")[num_seqs:pad_seqs] = 0
         if self.device_buffer is not self.host:
-            end = self._offsets["block_tables"][0] + rows * self.max_blocks
+            end = self._offsets["block_tables"][0] + max(num_seqs, pad_seqs) * self.max_blocks
             self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
             self._copied.record()
         return query_starts.tolist(), context_lens.tolist()
@@ -146,14 +147,18 @@ class ModelRunner:
         self._capacity = (max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks)
         self.buffers = StepBuffers(*self._capacity, self.block_size, self.device)
         self.lora_meta = LoRABatchMeta.build([], self.device, capacity=self.buffers.max_tokens)
-        self.graphs = None  # DecodeGraphs once captured (capture_decode_graphs)
+        self.graphs = None  # StepGraphs once captured (capture_graphs)
 
     def warm_up(self, capture_graphs: bool = True) -> None:
-        """Before the first request: run prefill and mixed steps of a few shapes (with and without
-        adapter slots) so Triton compiles and cuBLAS chooses now, then capture the decode graphs.
-        The steps write scratch keys/values into free KV blocks; nothing reads them."""
-        num_slots = self.model.layers[0].self_attn.qkv_proj.lora
-        num_slots = num_slots.lora_a[0].shape[0] if num_slots is not None else 0
+        """Before the first request: capture the step graphs (each shape runs eagerly first, so
+        Triton compiles and cuBLAS chooses now); without graphs, run prefill and mixed steps of a
+        few shapes, with and without adapter slots, for the same reason. The steps write scratch
+        keys/values into free KV blocks, which nothing reads."""
+        if capture_graphs and self.device.type == "cuda":
+            self.capture_graphs(self.buffers.max_seqs)
+            return
+        slots = self.model.layers[0].self_attn.qkv_proj.lora
+        num_slots = slots.lora_a[0].shape[0] if slots is not None else 0
         budget, bs = self.buffers.max_tokens, self.block_size
         shapes = [[min(512, budget)], [min(128, budget // 8)] * 8, [1] * 4 + [min(256, budget - 4)]]
         for lengths in shapes:
@@ -163,21 +168,19 @@ class ModelRunner:
                     blocks = -(-n // bs)
                     if next_block + blocks > self.kv_cache.num_blocks:
                         break
-                    table = list(range(next_block, next_block + blocks))
+                    chunks.append(SequenceChunk([1] * n, 0, list(range(next_block, next_block + blocks)),
+                                                lora_slot=i % num_slots if with_lora else -1))
                     next_block += blocks
-                    chunks.append(SequenceChunk([1] * n, 0, table, lora_slot=i % num_slots if with_lora else -1))
                 if chunks:
                     self.run(chunks)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        if capture_graphs and self.device.type == "cuda":
-            self.capture_decode_graphs(self.buffers.max_seqs)
 
-    def capture_decode_graphs(self, max_batch_size: int) -> None:
-        """Capture the decode forward for a ladder of batch sizes (CUDA only; see cuda_graphs.py)."""
-        from server.model.cuda_graphs import DecodeGraphs
+    def capture_graphs(self, max_batch_size: int) -> None:
+        """Capture the step for decode and mixed shapes (CUDA only; see cuda_graphs.py)."""
+        from server.model.cuda_graphs import StepGraphs
 
-        self.graphs = DecodeGraphs(self, max_batch_size)
+        self.graphs = StepGraphs(self, max_batch_size)
         self.graphs.capture()
 
     def run(self, chunks: list[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
@@ -190,15 +193,14 @@ class ModelRunner:
         token_slots = [c.lora_slot for c in chunks for _ in c.token_ids]
         num_tokens = len(token_slots)
         has_lora = any(s >= 0 for s in token_slots)
-        is_decode = num_tokens == num_seqs
-        if is_decode and not all_logits and self.graphs is not None:
-            size = self.graphs.size_for(num_seqs)
-            if size is not None:
-                self.buffers.fill(chunks, pad_to=size)
-                if has_lora:
-                    self.lora_meta.update(token_slots + [-1] * (size - num_seqs))
-                return self.graphs.replay(size, has_lora)[:num_seqs]
         self._ensure_capacity(num_tokens, num_seqs, max(len(c.block_table) for c in chunks))
+        shape = None if all_logits or self.graphs is None else self.graphs.shape_for(num_tokens, num_seqs)
+        if shape is not None:
+            pad_tokens, pad_seqs = self.graphs.padding(*shape)
+            self.buffers.fill(chunks, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
+            if has_lora:
+                self.lora_meta.update(token_slots + [-1] * (pad_tokens - num_tokens))
+            return self.graphs.replay(*shape, has_lora)[:num_seqs]
         query_starts, context_lens = self.buffers.fill(chunks)
         max_query_len = max(len(c.token_ids) for c in chunks)
         attn = self.buffers.attention_meta(num_tokens, num_seqs, max_query_len, self.model.config.sliding_window,
