@@ -10,6 +10,10 @@ int32 on the device, optional) lets the Triton kernels read and compute only eac
 rank; the references ignore it, being exact through the pool's zero padding. The Triton modules
 are imported on first use, so importing `kernels` stays cheap and never decides for the CPU
 interpreter (TRITON_INTERPRET=1) before a test can.
+
+The model's elementwise ops dispatch the same way: `rms_norm` (with the residual add fused in),
+`silu_and_mul` and `apply_rope_qk`, each a Triton kernel beside its reference in
+`triton_norm.py`, `triton_activation.py` and `triton_rope.py`.
 """
 
 from __future__ import annotations
@@ -58,10 +62,12 @@ def lora_expand(y, v, lora_b, scales, meta, slot_ranks=None):
 
 def write_kv(k_cache, v_cache, slot_mapping, k, v):
     """k_cache.flat[slot_mapping[t]] = k[t] (and v) for every token t with a slot >= 0."""
-    from kernels.triton_kv_write import write_kv as triton_write, write_kv_reference
-
     if k.is_cuda and _triton_ops() is not None:
+        from kernels.triton_kv_write import write_kv as triton_write
+
         return triton_write(k_cache, v_cache, slot_mapping, k, v)
+    from kernels.attention_reference import write_kv_reference
+
     return write_kv_reference(k_cache, v_cache, slot_mapping, k, v)
 
 
@@ -79,5 +85,41 @@ def paged_attention(q, k_cache, v_cache, block_tables, query_starts, context_len
                                      scale, sliding_window, out)
 
 
+def rms_norm(x, weight, eps, residual=None):
+    """RMSNorm(x) (fp32 statistics, rounded as the model's PyTorch code); with `residual`,
+    (RMSNorm(x + residual), x + residual): the residual add fused into the norm, one launch on CUDA."""
+    if x.is_cuda and _triton_ops() is not None:
+        from kernels.triton_norm import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps, residual)
+    from kernels.triton_norm import rms_norm_reference
+
+    return rms_norm_reference(x, weight, eps, residual)
+
+
+def silu_and_mul(gate_up):
+    """(T, 2I) [gate | up] -> (T, I) = silu(gate) * up."""
+    if gate_up.is_cuda and _triton_ops() is not None:
+        from kernels.triton_activation import silu_and_mul as triton_silu_and_mul
+
+        return triton_silu_and_mul(gate_up)
+    from kernels.triton_activation import silu_and_mul_reference
+
+    return silu_and_mul_reference(gate_up)
+
+
+def apply_rope_qk(q, k, positions, inv_freq, cos_sin=None):
+    """q (T, heads, head_dim) and k (T, kv_heads, head_dim) rotated by each token's position; new tensors.
+    `cos_sin`: rope_cos_sin's tables where the caller built them once for all layers (the reference
+    path uses them; the Triton kernel computes cos/sin in registers and ignores them)."""
+    if q.is_cuda and _triton_ops() is not None:
+        from kernels.triton_rope import apply_rope_qk as triton_apply_rope_qk
+
+        return triton_apply_rope_qk(q, k, positions, inv_freq)
+    from kernels.triton_rope import apply_rope_qk_reference
+
+    return apply_rope_qk_reference(q, k, positions, inv_freq, cos_sin)
+
+
 __all__ = ["LoRABatchMeta", "lora_apply", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
-           "paged_attention", "write_kv"]
+           "paged_attention", "write_kv", "rms_norm", "silu_and_mul", "apply_rope_qk"]

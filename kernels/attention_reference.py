@@ -1,4 +1,5 @@
-"""Plain-PyTorch paged attention: the test oracle and the CPU path of kernels/triton_attention.py.
+"""Plain-PyTorch paged attention and KV write: the test oracles and the CPU paths of
+kernels/triton_attention.py and kernels/triton_kv_write.py.
 
 Layout shared with the Triton kernel. The flat batch q (T, num_heads, head_dim) holds each
 sequence's query tokens side by side: sequence i owns rows query_starts[i]:query_starts[i+1],
@@ -99,3 +100,15 @@ def check_attention_args(q, k_cache, v_cache, block_tables, query_starts, contex
         raise ValueError(f"max_query_len {max_query_len} must be >= 0 and sliding_window >= 1 or None")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
+
+
+def write_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> None:
+    """k_cache.flat[slot_mapping[t]] = k[t] (and v) for every token t with a slot >= 0: the plain-PyTorch
+    twin of kernels/triton_kv_write.py (the CPU path)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping.long()
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)

@@ -9,7 +9,8 @@
 `k_cache` / `v_cache` are one layer's (num_blocks, block_size, kv_heads, head_dim) storage;
 slot s is block s // block_size, offset s % block_size. k and v may be strided views (v
 comes straight out of the fused qkv projection). The plain-PyTorch twin is
-`write_kv_reference`; the grid depends only on T, so the write can be graph-captured.
+`write_kv_reference` in kernels/attention_reference.py; the grid depends only on T, so the
+write can be graph-captured.
 """
 
 from __future__ import annotations
@@ -57,14 +58,3 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
         KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4 if kv_heads * head_dim >= 2048 else 1,
     )
-
-
-def write_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor) -> None:
-    """The same in plain PyTorch (the CPU path): tokens with slot -1 are skipped."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping.long()
-    if not bool(keep.all()):
-        slots, k, v = slots[keep], k[keep], v[keep]
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)

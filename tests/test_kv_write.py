@@ -13,7 +13,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("no CUDA and TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.triton_kv_write import write_kv, write_kv_reference  # noqa: E402
+from kernels.attention_reference import write_kv_reference  # noqa: E402
+from kernels.triton_kv_write import write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -20,7 +20,7 @@ from kernels import LoRABatchMeta
 from server.model.attention import AttentionMeta, paged_attention
 from server.model.config import ModelConfig
 from server.model.kv_cache import KVCache
-from server.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from server.model.rope import RotaryEmbedding, rope_inv_freq
 
 
 @dataclass
@@ -52,16 +52,16 @@ class Projection(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """fp32 statistics, as transformers does, then back to the model dtype before the scale.
+    Given the residual stream, the add before the norm is fused in: returns (normed, new residual)."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, as transformers does, then back to the model dtype before the scale
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -74,11 +74,11 @@ class Attention(nn.Module):
         self.qkv_proj = Projection(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
         self.o_proj = Projection(cfg.q_size, (cfg.hidden_size,), cfg.o_bias)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache, attn: AttentionMeta, lora: LoRABatchMeta | None):
+    def forward(self, x, rope: RotaryEmbedding, kv_cache: KVCache, attn: AttentionMeta, lora: LoRABatchMeta | None):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x, lora).split(self.qkv_proj.out_sizes, dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)  # (T, nh, hd)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # (T, nkv, hd)
+        # q, k: strided views of the fused output, rotated into new (T, nh, hd) and (T, nkv, hd) tensors
+        q, k = rope(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim))
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         kv_cache.write(self.layer, attn.slot_mapping, k, v)
         out = paged_attention(q, kv_cache, self.layer, attn, self.scale)  # (T, nh, hd)
@@ -92,8 +92,7 @@ class MLP(nn.Module):
         self.down_proj = Projection(cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias)
 
     def forward(self, x, lora: LoRABatchMeta | None):
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, lora)), lora)  # (T, 2I) -> (T, I)
 
 
 class DecoderLayer(nn.Module):
@@ -104,9 +103,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, attn, lora):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+    def forward(self, x, residual, rope, kv_cache, attn, lora):
+        """(layer input, residual stream) -> (MLP output, residual stream): each sublayer's output
+        is added to the stream inside the next norm (None on the first layer: x is the stream)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, kv_cache, attn, lora)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -139,12 +145,13 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor | None = None,  # rows whose logits are wanted; None = all
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
-        cos, sin = rope_cos_sin(attn.positions, self.inv_freq, x.dtype)
+        rope = RotaryEmbedding(attn.positions, self.inv_freq, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, attn, lora)
+            x, residual = layer(x, residual, rope, kv_cache, attn, lora)
         if logits_indices is not None:
-            x = x.index_select(0, logits_indices)
-        x = self.norm(x)
+            x, residual = x.index_select(0, logits_indices), residual.index_select(0, logits_indices)
+        x, _ = self.norm(x, residual)  # the last layer's residual add, fused into the final norm
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()  # (n, vocab)
 

@@ -2,6 +2,7 @@
 
 Matches transformers' "rotate half" convention (the first and second halves of each head
 are the two coordinates of a rotation), which is how Llama-family checkpoints are stored.
+Applying it is kernels.apply_rope_qk (kernels/triton_rope.py: the kernel and its reference).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+import kernels
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -40,15 +43,21 @@ def _llama3_scale(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim) for token positions (T,), computed in fp32 then cast once."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class RotaryEmbedding:
+    """One step's rotation of every layer's q and k, by the tokens' positions.
 
+    On CUDA each layer's call is one fused kernel that computes cos/sin in registers; on the
+    CPU (the reference path) the cos/sin tables are built here once and shared by all layers."""
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, head_dim); cos/sin (T, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        self.positions = positions  # (T,) int32
+        self.inv_freq = inv_freq  # (head_dim // 2,) float32
+        self.cos_sin = None
+        if not positions.is_cuda:
+            from kernels.triton_rope import rope_cos_sin
+
+            self.cos_sin = rope_cos_sin(positions, inv_freq, dtype)  # (T, head_dim) each
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, heads, head_dim), k (T, kv_heads, head_dim), strided views allowed -> rotated, new tensors."""
+        return kernels.apply_rope_qk(q, k, self.positions, self.inv_freq, self.cos_sin)
