@@ -75,6 +75,9 @@ class LoRABatchMeta:
     max_group_tokens: int = 0
     _sorted64: torch.Tensor | None = field(default=None, repr=False)  # int64 twin of sorted_tokens
     _groups: list[tuple[int, int, int]] = field(default_factory=list, repr=False)  # (slot, start, count), slot >= 0
+    _unsorted: np.ndarray | None = field(default=None, repr=False)  # sorted token order not yet in _sorted64
+    _host: torch.Tensor | None = field(default=None, repr=False)  # page-locked staging of `packed` (CUDA)
+    _copied: object = field(default=None, repr=False)  # torch.cuda.Event: the staging buffer's last copy
 
     @classmethod
     def build(
@@ -88,6 +91,9 @@ class LoRABatchMeta:
         counters = torch.zeros(capacity * MAX_SLICES * MAX_RANK_CHUNKS + 1, dtype=torch.int32, device=device)
         meta = cls(token_slots=packed[:0], active_slots=[], capacity=capacity)
         meta.packed, meta._sorted64, meta.split_counters = packed, sorted64, counters
+        if device.type == "cuda":  # one page-locked staging buffer, reused once its last copy is done
+            meta._host = torch.empty(_packed_len(capacity), dtype=torch.int32, pin_memory=True)
+            meta._copied = torch.cuda.Event()
         views = _views(packed, capacity)
         meta.sorted_tokens, meta.group_slot, meta.group_start, meta.group_count, meta.num_groups = views[1:6]
         meta.tiles = dict(zip(TILE_SIZES, views[6:]))
@@ -95,24 +101,24 @@ class LoRABatchMeta:
         return meta
 
     def update(self, token_slots: list[int]) -> None:
-        """Refill the preallocated buffers in place for a new step (no host sync, graph-safe).
+        """Refill the preallocated buffers in place for a new step (call it outside a capture).
 
-        The copies are asynchronous; a CUDA graph captured over this meta reads the new
-        contents on its next replay.
+        On CUDA the contents go through one page-locked staging buffer in one asynchronous
+        copy; the host waits only for the previous update's copy to have left that buffer. A
+        CUDA graph captured over this meta reads the new contents on its next replay.
         """
         num_tokens = len(token_slots)
         if num_tokens > self.capacity:
             raise ValueError(f"{num_tokens} tokens exceed the metadata capacity {self.capacity}")
-        host, sorted_idx, groups = _pack(token_slots, self.capacity)
-        device = self.packed.device
-        pin = device.type == "cuda"
-        src32 = torch.from_numpy(host)
-        src64 = torch.zeros(self.capacity, dtype=torch.int64)
-        src64[:num_tokens] = torch.from_numpy(sorted_idx)
-        if pin:  # PyTorch's pinned-memory cache reuses these buffers once their copies are done
-            src32, src64 = src32.pin_memory(), src64.pin_memory()
-        self.packed.copy_(src32, non_blocking=pin)
-        self._sorted64.copy_(src64, non_blocking=pin)
+        if self._host is not None:
+            self._copied.synchronize()  # the previous update's copy has left the staging buffer
+            host, sorted_idx, groups = _pack(token_slots, self.capacity, out=self._host.numpy())
+            self.packed.copy_(self._host, non_blocking=True)
+            self._copied.record()
+        else:
+            host, sorted_idx, groups = _pack(token_slots, self.capacity)
+            self.packed.copy_(torch.from_numpy(host))
+        self._unsorted = sorted_idx  # the int64 twin is copied only if the reference path asks
         self.token_slots = self.packed[1 : 1 + num_tokens]
         self._groups = [(slot, start, n) for slot, start, n in groups if slot >= 0]
         self.active_slots = [slot for slot, _, _ in self._groups]
@@ -128,6 +134,9 @@ class LoRABatchMeta:
     def token_indices(self) -> list[torch.Tensor]:
         """Per active slot, the int64 indices of its tokens (views; made on demand: the GPU
         kernels never need them, and a view per slot per step costs host time)."""
+        if self._unsorted is not None:
+            self._sorted64[: len(self._unsorted)].copy_(torch.from_numpy(self._unsorted))
+            self._unsorted = None
         return [self._sorted64[start : start + n] for _, start, n in self._groups]
 
     def groups(self):
@@ -146,7 +155,8 @@ def _views(packed: torch.Tensor, capacity: int) -> list[torch.Tensor]:
     return out[:6] + [t.view(capacity, 3) for t in out[6:]]
 
 
-def _pack(token_slots: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+def _pack(token_slots: list[int], capacity: int, out: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
     """Host-side contents of the packed buffer (int32), the sorted token order and the groups
     (slot, start in the sorted order, count): numpy, since this runs every step on the host."""
     slots = np.asarray(token_slots, dtype=np.int64).reshape(-1)
@@ -159,7 +169,11 @@ def _pack(token_slots: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray
     group_slot, group_start, group_count = group_slot[order], group_start[order], group_count[order]
     num_groups = len(group_slot)
 
-    host = np.zeros(_packed_len(capacity), dtype=np.int32)
+    if out is None:
+        host = np.zeros(_packed_len(capacity), dtype=np.int32)
+    else:
+        host = out
+        host[:] = 0
     regions = _region_slices(capacity)
     host[regions[0]] = -1
     host[regions[0]][: len(slots)] = slots

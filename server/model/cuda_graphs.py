@@ -12,7 +12,8 @@ Two families of shapes:
 - decode: B sequences of one token each, B in 1, 2, 4, 8, then steps of 16 up to the largest
   batch; a batch is padded to the smallest size that holds it.
 - mixed: prefill chunks beside decodes (in a closed loop about every other step has a new
-  prompt), T tokens padded to 256, 512, 1024, ... up to the step's token budget, sequences
+  prompt), T tokens padded to 128, 192, 256, ... 512, 768, 1024, 1536, then doubling up to the
+  step's token budget, sequences
   padded to the most running at once, the attention grid sized for a query run of T tokens.
 Padding tokens write no KV (slot -1) and belong to no sequence; padding sequences have no
 query tokens: neither reaches a real row's result.
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
     from server.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
-MIXED_MIN_TOKENS = 256
+# Mixed steps are padded to the next of these token counts (then doubling): at 100-300 tokens a
+# 7B step turns compute-bound, so padding 192 tokens to 256 would cost ~1 ms.
+MIXED_TOKEN_SIZES = (128, 192, 256, 320, 384, 448, 512, 768, 1024, 1536)
 
 
 def decode_batch_sizes(max_batch_size: int) -> list[int]:
@@ -46,7 +49,8 @@ def decode_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 def mixed_token_sizes(max_tokens: int) -> list[int]:
-    sizes, size = [], MIXED_MIN_TOKENS
+    sizes = [t for t in MIXED_TOKEN_SIZES if t < max_tokens]
+    size = MIXED_TOKEN_SIZES[-1] * 2
     while size < max_tokens:
         sizes.append(size)
         size *= 2
