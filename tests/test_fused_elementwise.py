@@ -20,39 +20,9 @@ import kernels  # noqa: E402
 from kernels.triton_activation import silu_and_mul, silu_and_mul_reference  # noqa: E402
 from kernels.triton_norm import rms_norm, rms_norm_reference  # noqa: E402
 from kernels.triton_rope import apply_rope_qk, apply_rope_qk_reference  # noqa: E402
+from tests.kernel_checks import assert_matches  # noqa: E402  (the tolerances, in one place)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# Where a kernel may differ from its reference, and by how much: one place for every test here.
-# rms_norm reduces its sum of squares in another order than torch's mean, and under the
-# interpreter numpy's exp, cos and sin stand in for torch's; either can move an fp32
-# intermediate by its last bit, which flips the rounding to a 16-bit dtype of a rare element:
-# 1 ulp off, or 2 after one more rounded product (the norm's weight; RoPE's cos/sin, counted in
-# ulps of the larger operand since RoPE's sum may cancel). Everything else is bit for bit.
-MAX_ULPS = 2
-MAX_MISMATCH_FRACTION = 1e-3
-FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
-MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
-
-
-def assert_matches(actual, expected, scale=None):
-    """16-bit: equal but for MAX_MISMATCH_FRACTION of the elements, each within MAX_ULPS ulps of
-    max(|expected|, scale); fp32: within FP32_TOLERANCE of the same magnitude."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    assert not actual.isnan().any(), "an output element was not written"
-    bits = MANTISSA_BITS.get(actual.dtype)
-    actual, expected = actual.float(), expected.float()
-    magnitude = expected.abs() if scale is None else torch.maximum(expected.abs(), scale.float())
-    error = (actual - expected).abs()
-    if bits is None:
-        bound = FP32_TOLERANCE["atol"] + FP32_TOLERANCE["rtol"] * magnitude
-        assert (error <= bound).all(), f"max error {error.max().item():.3g}"
-        return
-    mismatches = int((error > 0).sum())
-    assert mismatches <= MAX_MISMATCH_FRACTION * error.numel(), f"{mismatches} of {error.numel()} elements differ"
-    ulp = torch.ldexp(torch.ones_like(magnitude), torch.frexp(magnitude).exponent - bits - 1)
-    assert (error <= MAX_ULPS * ulp).all(), f"an element is {(error / ulp).max().item():.1f} ulps off"
-
 
 def randn(gen, *shape, dtype, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)

@@ -11,8 +11,6 @@ Any inexact element is reported as a warning with its count.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -24,6 +22,7 @@ import kernels  # noqa: E402
 from kernels.triton_activation import silu_and_mul, silu_and_mul_reference  # noqa: E402
 from kernels.triton_norm import _rms_norm_kernel, rms_norm, rms_norm_reference  # noqa: E402
 from kernels.triton_rope import apply_rope_qk, apply_rope_qk_reference  # noqa: E402
+from tests.kernel_checks import assert_matches, capture_graph  # noqa: E402
 
 if type(_rms_norm_kernel).__name__ == "InterpretedFunction":
     pytest.skip("TRITON_INTERPRET=1 is set: the kernels were built for the CPU interpreter", allow_module_level=True)
@@ -31,35 +30,6 @@ if type(_rms_norm_kernel).__name__ == "InterpretedFunction":
 HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM = 4096, 11008, 32, 128  # Llama-2-7B
 EPS = 1e-5
 TOKENS = (1, 64, 257, 2048)
-
-# The bounds of tests/test_fused_elementwise.py (see the reasons there), in one place here.
-MAX_ULPS = 2
-MAX_MISMATCH_FRACTION = 1e-3
-FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
-MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
-
-
-def assert_matches(actual, expected, what, scale=None):
-    """16-bit: equal but for MAX_MISMATCH_FRACTION of the elements, each within MAX_ULPS ulps of
-    max(|expected|, scale), any such element reported; fp32: within FP32_TOLERANCE."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    assert not actual.isnan().any(), f"{what}: an output element was not written"
-    bits = MANTISSA_BITS.get(actual.dtype)
-    actual, expected = actual.float(), expected.float()
-    magnitude = expected.abs() if scale is None else torch.maximum(expected.abs(), scale.float())
-    error = (actual - expected).abs()
-    if bits is None:
-        bound = FP32_TOLERANCE["atol"] + FP32_TOLERANCE["rtol"] * magnitude
-        assert (error <= bound).all(), f"{what}: max error {error.max().item():.3g}"
-        return
-    ulps = error / torch.ldexp(torch.ones_like(magnitude), torch.frexp(magnitude).exponent - bits - 1)
-    mismatches = int((error > 0).sum())
-    if mismatches:
-        warnings.warn(f"{what}: {mismatches} of {error.numel()} elements differ from the reference, "
-                      f"at most {ulps.max().item():.2f} ulps")
-    assert mismatches <= MAX_MISMATCH_FRACTION * error.numel(), f"{what}: {mismatches} elements differ"
-    assert (ulps <= MAX_ULPS).all(), f"{what}: an element is {ulps.max().item():.1f} ulps off"
-
 
 def randn(gen, *shape, dtype=torch.bfloat16, scale=1.0):
     return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
@@ -170,14 +140,7 @@ def test_cuda_graph_replay_with_new_inputs():
         q_rot, k_rot = kernels.apply_rope_qk(q, k, positions, inv_freq)
         return normed, h, q_rot, k_rot, kernels.silu_and_mul(gate_up)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
+    graph, outputs = capture_graph(step)
 
     for _ in range(3):
         for buffer, scale in ((x, 3.0), (residual, 1.0), (qkv, 2.0), (gate_up, 4.0)):

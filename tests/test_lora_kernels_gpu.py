@@ -19,6 +19,7 @@ from kernels.lora_reference import lora_expand_reference, lora_shrink_reference 
 from kernels.triton_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.triton_shrink import lora_shrink  # noqa: E402
 from kernels.metadata import LoRABatchMeta  # noqa: E402
+from tests.kernel_checks import capture_graph  # noqa: E402
 from tests.test_lora_kernels import POPULARITIES, TOLERANCES, check, make_pool, make_slots, rank_table  # noqa: E402
 
 if type(_lora_expand_kernel).__name__ == "InterpretedFunction":
@@ -85,14 +86,7 @@ def test_cuda_graph_replay_with_new_metadata(capture_with, replays, one_launch):
         lora_shrink(x, a, meta, v, slot_ranks=slot_ranks)
         lora_expand(y, v, b, scales, meta, slot_ranks=slot_ranks)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
 
     for popularity in replays:
         slots = [-1] * num_tokens if popularity == "base" else make_slots(popularity, num_tokens, num_slots, gen)

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 import kernels.triton_attention as triton_attention  # noqa: E402
 from kernels.attention_reference import paged_attention_reference  # noqa: E402
 from kernels.triton_attention import _paged_attention_kernel, paged_attention  # noqa: E402
+from tests.kernel_checks import capture_graph  # noqa: E402
 
 if type(_paged_attention_kernel).__name__ == "InterpretedFunction":
     pytest.skip("TRITON_INTERPRET=1 is set: the kernels were built for the CPU interpreter", allow_module_level=True)
@@ -193,14 +194,7 @@ def test_cuda_graph_replay_with_new_metadata(case):
     def step():
         paged_attention(*b.args(max_query_len), scale, None, out)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
 
     for i, specs in enumerate(rounds):
         b.fill(specs, seed=100 + i)

@@ -51,10 +51,12 @@ class EngineLoop:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        # The engine thread gives up the GIL while the GPU runs a step and wants it back as soon
+        # On a GPU the engine thread gives up the GIL while a step runs and wants it back as soon
         # as the step's tokens arrive; by default a thread busy writing streams keeps it for up
-        # to 5 ms, longer than a whole decode step on a GPU.
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+        # to 5 ms, longer than a whole decode step. (On the CPU the engine thread computes between
+        # its ops with the GIL held; shorter turns there only add switches.)
+        if self.engine.device.type == "cuda":
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
