@@ -29,12 +29,13 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from loadtest.bench_lora_kernels import copy_bandwidth
 
 MODELS = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # (heads, kv_heads, head_dim)
 SCENARIOS = {  # name -> (sequences, context, query tokens per sequence)
@@ -136,24 +137,6 @@ def median_us(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes read plus written per second by a large device-to-device copy."""
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.randn(1 << 30, device=device, dtype=DTYPE)  # 2 GiB
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.nbytes / statistics.median(times)
 
 
 def bench_case(model, scenario, device, copy_bw) -> dict:
