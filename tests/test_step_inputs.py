@@ -1,0 +1,103 @@
+"""The runner's step inputs on the host, and the graph shapes a step is padded to: the logic of
+the GPU fast path that needs no GPU (the replays themselves: tests/test_engine_gpu.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from server.model.cuda_graphs import decode_batch_sizes, mixed_token_sizes
+from server.model.runner import SequenceChunk, StepBuffers
+
+BLOCK = 4
+
+
+def _buffers(max_tokens=64, max_seqs=8, max_blocks=6) -> StepBuffers:
+    return StepBuffers(max_tokens, max_seqs, max_blocks, BLOCK, torch.device("cpu"))
+
+
+def _random_chunks(rng: random.Random, num_seqs: int) -> list[SequenceChunk]:
+    blocks = list(range(40))
+    rng.shuffle(blocks)
+    chunks = []
+    for _ in range(num_seqs):
+        start = rng.randrange(0, 12)
+        n = rng.choice([1, 1, rng.randrange(1, 9)])
+        table = [blocks.pop() for _ in range(-(-(start + n) // BLOCK))]
+        chunks.append(SequenceChunk([rng.randrange(1000) for _ in range(n)], start, table, lora_slot=-1))
+    return chunks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fill_lays_out_each_sequence_as_the_model_reads_it(seed):
+    rng = random.Random(seed)
+    chunks = _random_chunks(rng, rng.randrange(1, 7))
+    buffers = _buffers()
+    starts, lens = buffers.fill(chunks)
+    t = 0
+    for i, c in enumerate(chunks):
+        assert starts[i] == t and lens[i] == c.start_position + len(c.token_ids)
+        for j, token in enumerate(c.token_ids):
+            pos = c.start_position + j
+            assert buffers.device_view("input_ids", t + 1)[t] == token
+            assert buffers.device_view("positions", t + 1)[t] == pos
+            expected_slot = c.block_table[pos // BLOCK] * BLOCK + pos % BLOCK
+            assert buffers.device_view("slot_mapping", t + 1)[t] == expected_slot
+            t += 1
+        assert buffers.device_view("logits_indices", i + 1)[i] == t - 1
+        assert buffers.block_tables(i + 1)[i, : len(c.block_table)].tolist() == c.block_table
+    assert starts[-1] == t
+
+
+def test_padding_adds_tokens_that_write_nothing_and_sequences_that_attend_to_nothing():
+    chunks = _random_chunks(random.Random(9), 3)
+    num_tokens = sum(len(c.token_ids) for c in chunks)
+    buffers = _buffers()
+    buffers.fill(_random_chunks(random.Random(10), 8))  # stale contents from a larger step
+    buffers.fill(chunks, pad_tokens=num_tokens + 5, pad_seqs=7)
+    slots = buffers.device_view("slot_mapping", num_tokens + 5)
+    assert (slots[num_tokens:] == -1).all() and (slots[:num_tokens] >= 0).all()
+    assert (buffers.device_view("input_ids", num_tokens + 5)[num_tokens:] == 0).all()
+    query_starts = buffers.device_view("query_starts", 8)
+    assert query_starts[3:].tolist() == [num_tokens] * 5  # padding sequences: no query tokens
+    assert buffers.device_view("context_lens", 7)[3:].tolist() == [0] * 4
+
+
+def test_graph_shapes_cover_every_batch_with_the_smallest_padding():
+    assert decode_batch_sizes(256)[:6] == [1, 2, 4, 8, 16, 32] and decode_batch_sizes(256)[-1] == 256
+    assert decode_batch_sizes(5) == [1, 2, 4, 5]
+    for max_tokens in (100, 2048, 8192):
+        sizes = mixed_token_sizes(max_tokens)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == max_tokens
+    assert mixed_token_sizes(2048)[:3] == [128, 192, 256]
+    for batch in range(1, 257):
+        size = next(b for b in decode_batch_sizes(256) if b >= batch)
+        assert size - batch < 16
+
+
+def test_capacity_is_checked():
+    buffers = _buffers(max_tokens=8, max_seqs=2, max_blocks=3)
+    assert buffers.fits(8, 2, 3) and not buffers.fits(9, 2, 3) and not buffers.fits(8, 3, 3)
+    assert not buffers.fits(8, 2, 4)
+
+
+def test_a_step_is_padded_to_the_smallest_captured_shape_that_holds_it():
+    from loadtest.random_model import random_model
+    from server.model.cuda_graphs import StepGraphs
+    from server.model.kv_cache import KVCache
+    from server.model.runner import ModelRunner
+
+    shape = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = random_model(shape, torch.float32, "cpu")
+    c = model.config
+    runner = ModelRunner(model, KVCache(1, 16, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, "cpu"), "cpu",
+                         max_num_seqs=8, max_num_batched_tokens=300, max_model_len=64)
+    graphs = StepGraphs(runner, 8)  # shapes only: nothing is captured on the CPU
+    assert graphs.shape_for(5, 5) == ("decode", 8) and graphs.shape_for(1, 1) == ("decode", 1)
+    assert graphs.shape_for(100, 5) == ("mixed", 128) and graphs.shape_for(193, 8) == ("mixed", 256)
+    assert graphs.shape_for(300, 8) == ("mixed", 300)
+    assert graphs.shape_for(301, 8) is None and graphs.shape_for(9, 9) is None  # eager
+    assert graphs.padding("mixed", 128) == (128, 8) and graphs.padding("decode", 4) == (4, 4)
