@@ -76,6 +76,7 @@ class LoRABatchMeta:
     _sorted64: torch.Tensor | None = field(default=None, repr=False)  # int64 twin of sorted_tokens
     _groups: list[tuple[int, int, int]] = field(default_factory=list, repr=False)  # (slot, start, count), slot >= 0
     _unsorted: np.ndarray | None = field(default=None, repr=False)  # sorted token order not yet in _sorted64
+    _last_slots: list[int] | None = field(default=None, repr=False)  # what the buffers hold now
     _host: torch.Tensor | None = field(default=None, repr=False)  # page-locked staging of `packed` (CUDA)
     _copied: object = field(default=None, repr=False)  # torch.cuda.Event: the staging buffer's last copy
 
@@ -110,6 +111,9 @@ class LoRABatchMeta:
         num_tokens = len(token_slots)
         if num_tokens > self.capacity:
             raise ValueError(f"{num_tokens} tokens exceed the metadata capacity {self.capacity}")
+        if token_slots == self._last_slots:
+            return  # decode steps of an unchanged batch: the device buffers already hold this
+        self._last_slots = list(token_slots)
         if self._host is not None:
             self._copied.synchronize()  # the previous update's copy has left the staging buffer
             host, sorted_idx, groups = _pack(token_slots, self.capacity, out=self._host.numpy())

@@ -101,3 +101,18 @@ def test_a_step_is_padded_to_the_smallest_captured_shape_that_holds_it():
     assert graphs.shape_for(300, 8) == ("mixed", 300)
     assert graphs.shape_for(301, 8) is None and graphs.shape_for(9, 9) is None  # eager
     assert graphs.padding("mixed", 128) == (128, 8) and graphs.padding("decode", 4) == (4, 4)
+
+
+def test_lora_metadata_refills_only_when_the_slots_change():
+    from kernels.metadata import LoRABatchMeta
+
+    meta = LoRABatchMeta.build([0, 1, 1, -1], "cpu", capacity=8)
+    first = meta.packed.clone()
+    meta.update([0, 1, 1, -1])  # an unchanged decode batch: nothing to write
+    assert torch.equal(meta.packed, first) and meta.active_slots == [0, 1]
+    meta.update([2, -1])
+    assert meta.token_slots.tolist() == [2, -1] and meta.active_slots == [2]
+    assert [(s, idx.tolist()) for s, idx in meta.groups()] == [(2, [0])]
+    meta.update([0, 1, 1, -1])
+    assert torch.equal(meta.packed, first)
+    assert [(s, idx.tolist()) for s, idx in meta.groups()] == [(0, [0]), (1, [1, 2])]
