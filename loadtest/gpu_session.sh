@@ -5,8 +5,9 @@
 #   bash loadtest/gpu_session.sh micro     # attention and engine benchmarks (JSON in $OUT)
 #   bash loadtest/gpu_session.sh serving [bench_serving.py args]   # the HTTP serving benchmark
 #
-# The machine lacks fastapi, uvicorn, pydantic, cachetools and python-multipart: they travel as
-# wheels in .whl/ (../shared/gpu-wheels.sh downloads them) and are installed into /tmp/site. The
+# The machine lacks fastapi, uvicorn, pydantic, cachetools, python-multipart and httptools: they
+# travel as wheels in .whl/ (`../shared/gpu-wheels.sh httptools` downloads them; uvloop is there
+# already) and are installed into /tmp/site. The
 # serving benchmark needs SmolLM2's tokenizer files in .bench/tokenizer (tokenizer.json and
 # tokenizer_config.json from the prepared model; the default model itself does not travel).
 set -uo pipefail
