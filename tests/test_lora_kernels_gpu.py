@@ -146,14 +146,7 @@ def test_chained_layers_under_programmatic_dependent_launch(num_tokens, one_laun
         z.copy_(z0)
         lora_expand(z, v2, b, scales, meta, slot_ranks=slot_ranks)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
     for _ in range(2):
         h.fill_(float("nan"))
         v1.fill_(float("nan"))
