@@ -116,3 +116,73 @@ def test_lora_metadata_refills_only_when_the_slots_change():
     meta.update([0, 1, 1, -1])
     assert torch.equal(meta.packed, first)
     assert [(s, idx.tolist()) for s, idx in meta.groups()] == [(0, [0]), (1, [1, 2])]
+
+
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_padded_graph_shapes_compute_the_unpadded_logits(with_adapters):
+    """The forward a captured graph replays, run eagerly on the CPU at the padded shapes (decode
+    and mixed, with and without LoRA kernels): the real rows equal the unpadded step's."""
+    from loadtest.random_model import random_adapter, random_model
+    from server.lora.pool import AdapterPool
+    from server.model.cuda_graphs import StepGraphs
+    from server.model.kv_cache import KVCache
+    from server.model.runner import ModelRunner
+
+    shape = dict(architectures=["LlamaForCausalLM"], vocab_size=96, hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = random_model(shape, torch.float32, "cpu", seed=4)
+    c = model.config
+    pool = AdapterPool(model, num_slots=3, max_rank=8)
+    for slot in range(3):
+        pool.load(slot, random_adapter(c, 4 + 2 * slot, ("q_proj", "v_proj", "down_proj"), seed=slot,
+                                       dtype=torch.float32, b_std=0.2))
+    runner = ModelRunner(model, KVCache(c.num_layers, 32, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, "cpu"),
+                         "cpu", max_num_seqs=6, max_num_batched_tokens=256, max_model_len=64)
+    graphs = StepGraphs(runner, 6)
+    rng = random.Random(1)
+    tables = [[3 * i, 3 * i + 1, 3 * i + 2, 3 * i + 3 + 12] for i in range(4)]
+    slots = [0, 2, -1, 1] if with_adapters else [-1] * 4
+    prompts = [[rng.randrange(96) for _ in range(n)] for n in (5, 9, 3, 7)]
+    steps = [
+        [SequenceChunk(p[:-1], 0, t, s) for p, t, s in zip(prompts[:3], tables, slots)],  # three prompts
+        [SequenceChunk(p[-1:], len(p) - 1, t, s) for p, t, s in zip(prompts[:3], tables, slots)]  # three decodes
+        + [SequenceChunk(prompts[3], 0, tables[3], slots[3])],  # beside a new prompt: a mixed step
+        [SequenceChunk([rng.randrange(96)], len(p), t, s) for p, t, s in zip(prompts[:3], tables, slots)],  # 3 -> 4
+    ]
+    for chunks in steps:
+        expected = runner.run(chunks)  # eager, unpadded (this runner has no graphs captured)
+        num_tokens = sum(len(ch.token_ids) for ch in chunks)
+        kind, size = graphs.shape_for(num_tokens, len(chunks))
+        pad_tokens, pad_seqs = graphs.padding(kind, size)
+        assert (pad_tokens, pad_seqs) != (num_tokens, len(chunks))  # padding really happens
+        runner.buffers.fill(chunks, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
+        token_slots = [ch.lora_slot for ch in chunks for _ in ch.token_ids]
+        if any(s >= 0 for s in token_slots):
+            runner.lora_meta.update(token_slots + [-1] * (pad_tokens - num_tokens))
+        graphs._forward(kind, size, with_lora=any(s >= 0 for s in token_slots))
+        torch.testing.assert_close(graphs.logits[: len(chunks)], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_dummy_inputs_fit_every_captured_shape():
+    """The capture's stand-in batches: LoRA slots for exactly the shape's tokens, also where a
+    mixed shape holds fewer tokens than sequences (128 tokens, 256 sequences)."""
+    from loadtest.random_model import random_model
+    from server.lora.pool import AdapterPool
+    from server.model.cuda_graphs import StepGraphs
+    from server.model.kv_cache import KVCache
+    from server.model.runner import ModelRunner
+
+    shape = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = random_model(shape, torch.float32, "cpu")
+    AdapterPool(model, num_slots=5, max_rank=4)
+    c = model.config
+    runner = ModelRunner(model, KVCache(1, 8, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, "cpu"), "cpu",
+                         max_num_seqs=256, max_num_batched_tokens=512, max_model_len=32)
+    graphs = StepGraphs(runner, 256)
+    for kind, sizes in (("decode", graphs.decode_sizes), ("mixed", graphs.mixed_sizes)):
+        for size in sizes:
+            graphs._write_dummy_inputs(kind, size, with_lora=True)
+            num_tokens, _ = graphs.padding(kind, size)
+            assert len(runner.lora_meta.token_slots) == num_tokens
+            assert runner.lora_meta.has_lora

@@ -37,7 +37,8 @@ def paged_attention(
     On the GPU one Triton launch (kernels/triton_attention.py) serves the whole batch, prefill
     chunks and decodes alike; on the CPU, a decode batch is one padded SDPA call and anything
     else goes sequence by sequence through the kernel's PyTorch reference."""
-    if not q.is_cuda and meta.max_query_len == 1 and meta.host_query_starts[-1] == len(meta.host_context_lens):
+    lens = meta.host_context_lens
+    if not q.is_cuda and meta.max_query_len == 1 and lens is not None and meta.host_query_starts[-1] == len(lens):
         return _decode_attention(q, kv_cache, layer, meta, scale)
     return kernels.paged_attention(
         q, kv_cache.k[layer], kv_cache.v[layer], meta.block_tables, meta.query_starts, meta.context_lens,

@@ -21,7 +21,7 @@ query tokens: neither reaches a real row's result.
 Two graphs per shape: one without LoRA kernels (a batch of base-model tokens only), one with
 them (any mix of slots, -1 for base tokens). The LoRA kernels choose their launch
 configuration from the metadata's host-side hints at capture: decode graphs are captured on
-distinct slots (what decode batches mostly are), mixed graphs on distinct decode slots plus
+distinct slots (what decode batches mostly are), mixed graphs on half distinct slots and half
 one long run; other mixes replay correctly, at the captured configuration's speed.
 Capture runs largest first so smaller graphs reuse the pool's memory.
 """
@@ -128,6 +128,9 @@ class StepGraphs:
         num_tokens, num_seqs = self.padding(kind, size)
         self.runner.buffers.fill([SequenceChunk([0], 0, [0])], pad_tokens=num_tokens, pad_seqs=num_seqs)
         if with_lora:
-            slots = [t % self.num_lora_slots for t in range(num_seqs)]
-            slots += [0] * (num_tokens - num_seqs)  # a prefill run beside the decodes (mixed shapes)
+            # decode shapes: every token its own slot; mixed shapes: half the tokens distinct
+            # (decodes), the other half one run (a prompt). Mixed shapes may hold fewer tokens
+            # than sequences (128 tokens, 256 sequences): the pattern follows the tokens.
+            distinct = num_tokens if kind == "decode" else min(num_seqs, num_tokens // 2)
+            slots = [t % self.num_lora_slots for t in range(distinct)] + [0] * (num_tokens - distinct)
             self.runner.lora_meta.update(slots)
