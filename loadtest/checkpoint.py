@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
-from loadtest.random_model import LLAMA2_7B, LLAMA3_8B
+from loadtest.random_model import LLAMA2_7B, LLAMA3_8B, random_adapter
 from server.model.config import ModelConfig
 
 # A model small enough to start in seconds on the CPU (the smoke test); vocab within SmolLM2's 49152.
@@ -171,17 +171,12 @@ def peft_adapter_files(cfg: ModelConfig, rank: int, modules: tuple[str, ...], se
     """adapter_config.json and adapter_model.safetensors as peft's save_pretrained writes them
     for a *ForCausalLM: keys base_model.model.model.layers.{i}.self_attn.{m}.lora_{A,B}.weight,
     A (r, in), B (out, r), bf16, random and non-zero (B too: a trained adapter, not a fresh one)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shapes = cfg.linear_shapes()
+    adapter = random_adapter(cfg, rank, modules, seed, device=device, dtype=torch.bfloat16, b_std=0.01)
     tensors = {}
-    for layer in range(cfg.num_layers):
-        for module in modules:
-            fan_in, fan_out = shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{_SUBMODULE[module]}.{module}"
-            a = torch.randn(rank, fan_in, generator=gen, device=device) / fan_in**0.5
-            b = torch.randn(fan_out, rank, generator=gen, device=device) * 0.01
-            tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
-            tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
+    for (layer, module), weights in adapter.modules.items():
+        prefix = f"base_model.model.model.layers.{layer}.{_SUBMODULE[module]}.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = weights.lora_a.cpu()
+        tensors[f"{prefix}.lora_B.weight"] = weights.lora_b.cpu()
     config = {
         "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layer_replication": None,

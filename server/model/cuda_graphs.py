@@ -58,14 +58,13 @@ def mixed_token_sizes(max_tokens: int) -> list[int]:
 
 
 class StepGraphs:
-    def __init__(self, runner: ModelRunner, max_batch_size: int, mixed: bool = True):
+    def __init__(self, runner: ModelRunner, max_batch_size: int):
         self.runner = runner
         buffers = runner.buffers
         self.max_seqs = min(max_batch_size, buffers.max_seqs)
         self.decode_sizes = decode_batch_sizes(self.max_seqs)
-        self.mixed_sizes = mixed_token_sizes(buffers.max_tokens) if mixed else []
-        first = next(runner.model.projections())[2]
-        self.num_lora_slots = first.lora.lora_a[0].shape[0] if first.lora is not None else 0
+        self.mixed_sizes = mixed_token_sizes(buffers.max_tokens)
+        self.num_lora_slots = runner.num_lora_slots
         vocab = runner.model.config.vocab_size
         self.logits = torch.empty(self.max_seqs, vocab, dtype=torch.float32, device=runner.device)
         self._graphs: dict[tuple[str, int, bool], torch.cuda.CUDAGraph] = {}

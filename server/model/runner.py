@@ -149,6 +149,12 @@ class ModelRunner:
         self.lora_meta = LoRABatchMeta.build([], self.device, capacity=self.buffers.max_tokens)
         self.graphs = None  # StepGraphs once captured (capture_graphs)
 
+    @property
+    def num_lora_slots(self) -> int:
+        """Adapter slots the model's projections carry (0: no adapter pool attached)."""
+        lora = next(self.model.projections())[2].lora
+        return lora.lora_a[0].shape[0] if lora is not None else 0
+
     def warm_up(self, capture_graphs: bool = True) -> None:
         """Before the first request: capture the step graphs (each shape runs eagerly first, so
         Triton compiles and cuBLAS chooses now); without graphs, run prefill and mixed steps of a
@@ -157,8 +163,7 @@ class ModelRunner:
         if capture_graphs and self.device.type == "cuda":
             self.capture_graphs(self.buffers.max_seqs)
             return
-        slots = self.model.layers[0].self_attn.qkv_proj.lora
-        num_slots = slots.lora_a[0].shape[0] if slots is not None else 0
+        num_slots = self.num_lora_slots
         budget, bs = self.buffers.max_tokens, self.block_size
         shapes = [[min(512, budget)], [min(128, budget // 8)] * 8, [1] * 4 + [min(256, budget - 4)]]
         for lengths in shapes:
