@@ -42,6 +42,7 @@ class StandInEngine:
         self.waiting: list = []
         self.step_periods: list[float] = []
         self._last_step_end: float | None = None
+        self.last_step_idle = False  # every step here runs the batch
         self.device = SimpleNamespace(type="cuda")  # the engine loop tunes GIL turns as for a GPU
 
     def make_sequence(self, request, adapter_key=None):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import random
-import statistics
 import time
 import traceback
 from pathlib import Path
@@ -63,7 +62,7 @@ def _measure(checkpoint: Path, device: str, batch: int, prompt_tokens: int, deco
     token_range = (min(1000, vocab // 2), vocab)
 
     def step_s(adapters: list[str | None]) -> float:
-        return _median_decode_step(engine, adapters, prompt_tokens, decode_steps, token_range, sync)
+        return _mean_decode_step(engine, adapters, prompt_tokens, decode_steps, token_range, sync)
 
     step_s([None] * batch)  # warm-up: allocator growth, cuBLAS and Triton compiles
     base = step_s([None] * batch)
@@ -81,7 +80,7 @@ def _measure(checkpoint: Path, device: str, batch: int, prompt_tokens: int, deco
             "mean_context": prompt_tokens + WARM_STEPS + decode_steps / 2}
 
 
-def _median_decode_step(engine, adapters: list[str | None], prompt_tokens: int, decode_steps: int,
+def _mean_decode_step(engine, adapters: list[str | None], prompt_tokens: int, decode_steps: int,
                         token_range: tuple[int, int], sync) -> float:
     from server.engine.request import GenerationRequest, SamplingParams
 
@@ -98,12 +97,14 @@ def _median_decode_step(engine, adapters: list[str | None], prompt_tokens: int, 
     for _ in range(WARM_STEPS):
         engine.step()
     sync()
-    times = []
+    # the mean over back-to-back steps, one sync at the end: a sync after every step would stop
+    # asynchronous scheduling from overlapping the host's work with the GPU's
+    start = time.perf_counter()
     for _ in range(decode_steps):
-        start = time.perf_counter()
         engine.step()
-        sync()
-        times.append(time.perf_counter() - start)
+    sync()
+    elapsed = time.perf_counter() - start
     for seq in seqs:
         engine.abort(seq)
-    return statistics.median(times)
+    engine.flush()
+    return elapsed / decode_steps

@@ -75,13 +75,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter upload")
     p.add_argument("--enforce-eager", action="store_const", const=True,
                    help="run decode steps without CUDA graphs (debugging; graphs are captured at start-up on the GPU)")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"],
+                   help="schedule the next step while the device runs this one (default auto: on the GPU)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapter_store", "api_keys_file",
                   "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
-                  "lora_memory_fraction", "gpu_memory_utilization")
+                  "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:

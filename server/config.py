@@ -68,6 +68,8 @@ class Settings:
     max_num_batched_tokens: int = 2048  # LORAPLEX_MAX_NUM_BATCHED_TOKENS: tokens per step (prefill chunks + decodes)
     max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 8192)
     enforce_eager: bool = False  # LORAPLEX_ENFORCE_EAGER: no CUDA graphs for decode steps (debugging)
+    # LORAPLEX_ASYNC_SCHEDULING: auto (on the GPU) | on | off: schedule step N+1 while the device runs step N
+    async_scheduling: str = "auto"
     # --- HTTP server
     host: str = "127.0.0.1"  # LORAPLEX_HOST
     port: int = 8000  # LORAPLEX_PORT
@@ -117,6 +119,8 @@ class Settings:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_block_size < 1:
             raise ValueError("kv_block_size must be >= 1")
+        if self.async_scheduling not in {"auto", "on", "off"}:
+            raise ValueError(f"async_scheduling must be auto, on or off, not {self.async_scheduling!r}")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not 0 <= self.port <= 65535:

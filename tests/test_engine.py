@@ -1,4 +1,5 @@
-"""Engine behaviour on the default model: stops, limits, seeds, preemption, adapter slots."""
+"""Engine behaviour on the default model: stops, limits, seeds, preemption, adapter slots,
+with and without asynchronous scheduling (step N+1 launched before step N's tokens are read)."""
 
 import pytest
 import torch
@@ -15,9 +16,13 @@ def random_adapter(model_config, rank: int, seed: int, modules=("q_proj", "v_pro
     return _random_adapter(model_config, rank, tuple(modules), seed, dtype=torch.float32, b_std=0.05)
 
 
-@pytest.fixture(scope="module")
-def engine(default_model_dir):
-    e = Engine.from_dir(default_model_dir, Settings(max_loras=2, max_lora_rank=8, num_kv_blocks=24, kv_block_size=8, max_num_seqs=8, max_model_len=512))
+SMALL = dict(max_loras=2, max_lora_rank=8, num_kv_blocks=24, kv_block_size=8, max_num_seqs=8, max_model_len=512)
+
+
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+def engine(default_model_dir, request):
+    e = Engine.from_dir(default_model_dir, Settings(async_scheduling=request.param, **SMALL))
+    assert e.async_scheduling == (request.param == "on")
     for i in range(3):
         e.add_adapter(f"tenant-{i}", random_adapter(e.model.config, rank=4 + 2 * i, seed=i))
     return e
@@ -76,3 +81,42 @@ def test_unknown_adapter_and_oversized_prompt_are_refused(engine):
     with pytest.raises(ValueError, match="context"):
         engine.generate([GenerationRequest(list(range(1, 600)), greedy(2))])
     assert not engine.has_work()
+
+
+def test_async_step_returns_the_previous_steps_tokens(engine):
+    """The pipelining itself: with asynchronous scheduling a step launches the next forward
+    before the previous one's token reaches the host, and the decode reads that token on the
+    device; the tokens are still those of the synchronous engine."""
+    request = GenerationRequest("Once upon a time", greedy(4, ignore_eos=True))
+    (expected,) = engine.generate([request])
+    seq = engine.add_request(request)
+    first = engine.step()  # the prefill
+    if not engine.async_scheduling:
+        assert first == [seq] and len(seq.output_ids) == 1 and seq.num_pending == 0
+        return
+    assert first == [] and seq.output_ids == [] and seq.num_pending == 1
+    assert engine.step() == [seq]  # launched the first decode (its input on the device), then read the prefill's token
+    assert len(seq.output_ids) == 1 and seq.num_pending == 1 and seq.num_cached_tokens == seq.num_tokens - 1
+    while not seq.is_finished:
+        engine.step()
+    assert seq.output_ids == expected.token_ids and seq.finish_reason == "length"
+    assert not engine.has_work() and engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_stops_and_aborts_with_a_token_in_flight_drop_it(engine):
+    """A sequence that stops (EOS or a stop string) or is aborted while its next token is
+    already computing ends exactly as without asynchronous scheduling, its blocks all back."""
+    chat = GenerationRequest("Say hello.", greedy(40), chat=True)
+    (eos,) = engine.generate([chat])
+    assert eos.finish_reason == "stop" and len(eos.token_ids) < 40  # ended by EOS
+    long = GenerationRequest("The history of Rome", greedy(30, ignore_eos=True))
+    (full,) = engine.generate([long])
+    seq, other = engine.add_request(long), engine.add_request(chat)
+    for _ in range(5):
+        engine.step()
+    engine.abort(seq)
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == "abort" and seq.output_ids == full.token_ids[: len(seq.output_ids)]
+    assert other.output_ids == eos.token_ids and other.finish_reason == "stop"
+    assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -25,10 +25,10 @@ SMALL = dict(
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _engine(dtype, enforce_eager: bool, num_adapters: int) -> Engine:
+def _engine(dtype, enforce_eager: bool, num_adapters: int, async_scheduling: str = "off") -> Engine:
     model = random_model(SMALL, dtype, "cuda", seed=1)
     settings = Settings(device="cuda", max_loras=8, max_lora_rank=16, max_num_seqs=16, num_kv_blocks=256,
-                        max_model_len=512, enforce_eager=enforce_eager)
+                        max_model_len=512, enforce_eager=enforce_eager, async_scheduling=async_scheduling)
     engine = Engine(model, StubTokenizer(), settings)
     for i in range(num_adapters):
         rank = (8, 16)[i % 2]
@@ -38,10 +38,12 @@ def _engine(dtype, enforce_eager: bool, num_adapters: int) -> Engine:
 
 
 def _requests(adapters: list[str | None]) -> list[GenerationRequest]:
+    """Greedy requests of 12 tokens, but for the second: seeded sampling, 9 tokens."""
     gen = torch.Generator().manual_seed(5)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    return [GenerationRequest(torch.randint(1, 1000, (int(n),), generator=gen).tolist(), params, adapter=a)
-            for n, a in zip(torch.randint(3, 40, (len(adapters),), generator=gen), adapters)]
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)] * len(adapters)
+    params[1] = SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    return [GenerationRequest(torch.randint(1, 1000, (int(n),), generator=gen).tolist(), p, adapter=a)
+            for n, a, p in zip(torch.randint(3, 40, (len(adapters),), generator=gen), adapters, params)]
 
 
 @pytest.mark.parametrize("adapters", [
@@ -50,13 +52,18 @@ def _requests(adapters: list[str | None]) -> list[GenerationRequest]:
     ["a0", "a0", "a1", None, "a5", "a5", "a2", "a3", "a4"],  # shared adapters, 9 -> the 16-graph
 ])
 def test_graph_replay_gives_the_eager_tokens(adapters):
-    """fp32, so that the only difference between the two engines is graphs vs eager launches."""
+    """fp32, so that the only difference between the engines is graphs vs eager launches, and
+    asynchronous scheduling (decode inputs read from the previous step's sampled ids on the
+    device) vs synchronous."""
     eager = _engine(torch.float32, enforce_eager=True, num_adapters=6)
     graphs = _engine(torch.float32, enforce_eager=False, num_adapters=6)
-    assert graphs.runner.graphs is not None and eager.runner.graphs is None
+    pipelined = _engine(torch.float32, enforce_eager=False, num_adapters=6, async_scheduling="on")
+    assert graphs.runner.graphs is not None and eager.runner.graphs is None and pipelined.async_scheduling
     expected = [r.token_ids for r in eager.generate(_requests(adapters))]
+    assert [len(t) for t in expected[:2]] == [12, 9]
     got = [r.token_ids for r in graphs.generate(_requests(adapters))]
     assert got == expected
+    assert [r.token_ids for r in pipelined.generate(_requests(adapters))] == expected
 
 
 def test_runner_on_cuda_matches_the_cpu_through_prefill_and_decode():
@@ -94,3 +101,23 @@ def test_device_sampling_reproduces_the_cpu_sampler():
     on_gpu = sample(logits.cuda(), params, seeds, steps)
     assert on_gpu.is_cuda
     assert on_gpu.cpu().tolist() == on_cpu.tolist()
+
+
+def test_default_batch_cap_captures_every_graph_and_serves():
+    """At the GPU's default cap (256 sequences, auto) the capture covers every decode and mixed
+    shape, with and without adapters (mixed shapes of 128 tokens hold 256 padded sequences),
+    and a pipelined batch of adapters gives the eager tokens."""
+    model = random_model(SMALL, torch.float32, "cuda", seed=1)
+    settings = Settings(device="cuda", max_loras=8, max_lora_rank=16, num_kv_blocks=512, max_model_len=512)
+    engine = Engine(model, StubTokenizer(), settings)
+    assert engine.limits.max_num_seqs == 256 and engine.async_scheduling
+    graphs = engine.runner.graphs
+    assert graphs.decode_sizes[-1] == 256 and len(graphs._graphs) == 2 * (len(graphs.decode_sizes) + len(graphs.mixed_sizes))
+    eager = _engine(torch.float32, enforce_eager=True, num_adapters=6)
+    for i in range(6):
+        rank = (8, 16)[i % 2]
+        engine.add_adapter(f"a{i}", random_adapter(model.config, rank, QKVO + ("down_proj",), seed=10 + i,
+                                                   device="cuda", dtype=torch.float32, b_std=0.05))
+    adapters = ["a0", "a1", None, "a2", "a3", "a4", "a5", None, "a1"]
+    assert [r.token_ids for r in engine.generate(_requests(adapters))] == \
+        [r.token_ids for r in eager.generate(_requests(adapters))]

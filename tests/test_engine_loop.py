@@ -12,9 +12,10 @@ from server.engine.request import GenerationRequest, SamplingParams
 from tests.test_engine import random_adapter
 
 
-@pytest.fixture(scope="module")
-def engine(default_model_dir):
-    e = Engine.from_dir(default_model_dir, Settings(max_loras=2, max_lora_rank=8, num_kv_blocks=64, kv_block_size=8, max_num_seqs=8, max_model_len=512))
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+def engine(default_model_dir, request):
+    e = Engine.from_dir(default_model_dir, Settings(max_loras=2, max_lora_rank=8, num_kv_blocks=64, kv_block_size=8,
+                                                    max_num_seqs=8, max_model_len=512, async_scheduling=request.param))
     for i in range(3):
         e.add_adapter(f"t{i}", random_adapter(e.model.config, rank=4, seed=10 + i))
     return e

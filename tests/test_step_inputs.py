@@ -35,7 +35,7 @@ def test_fill_lays_out_each_sequence_as_the_model_reads_it(seed):
     rng = random.Random(seed)
     chunks = _random_chunks(rng, rng.randrange(1, 7))
     buffers = _buffers()
-    starts, lens = buffers.fill(chunks)
+    starts, lens, _ = buffers.fill(chunks)
     t = 0
     for i, c in enumerate(chunks):
         assert starts[i] == t and lens[i] == c.start_position + len(c.token_ids)
@@ -186,3 +186,28 @@ def test_graph_dummy_inputs_fit_every_captured_shape():
             num_tokens, _ = graphs.padding(kind, size)
             assert len(runner.lora_meta.token_slots) == num_tokens
             assert runner.lora_meta.has_lora
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pending_tokens_are_read_from_the_previous_steps_sampled_ids(seed):
+    """Asynchronous scheduling: a chunk whose last token is still on the device (pending_row)
+    gets it from the previous step's sampled ids; the inputs equal those with the ids known."""
+    rng = random.Random(seed)
+    chunks = _random_chunks(rng, rng.randrange(2, 8))
+    sampled = torch.tensor([rng.randrange(1000) for _ in range(8)], dtype=torch.int64)
+    pending = []
+    for i, c in enumerate(chunks):
+        if i == 0 or rng.random() < 0.6:
+            row = rng.randrange(8)
+            pending.append(SequenceChunk(c.token_ids[:-1] + [0], c.start_position, c.block_table, pending_row=row))
+            c.token_ids[-1] = int(sampled[row])
+        else:
+            pending.append(c)
+    known, deferred = _buffers(), _buffers()
+    known.fill(chunks)
+    _, _, num_pending = deferred.fill(pending)
+    assert num_pending == sum(c.pending_row >= 0 for c in pending) > 0
+    deferred.take_pending_tokens(num_pending, sampled)
+    num_tokens = sum(len(c.token_ids) for c in chunks)
+    for name in ("input_ids", "positions", "slot_mapping"):
+        assert torch.equal(deferred.device_view(name, num_tokens), known.device_view(name, num_tokens)), name

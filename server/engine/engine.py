@@ -1,9 +1,19 @@
 """The engine: one resident model, adapters, and batched generation.
 
-Each step is `schedule()` -> `run()` -> `postprocess()`: the scheduler picks the running
-decodes and the prefill chunks that fit, the runner feeds them as one flattened batch (each
-token with its own adapter slot), and postprocess samples, appends and retires. `generate()`
-drives steps until its requests finish; the server's engine loop drives the same `step()`.
+Each step is `schedule()` -> `launch()` -> `complete()`: the scheduler picks the running
+decodes and the prefill chunks that fit, `launch` feeds them to the runner as one flattened
+batch (each token with its own adapter slot) and samples on the device, `complete` reads the
+sampled tokens back, appends them, checks stops and retires. `generate()` drives steps until its
+requests finish; the server's engine loop drives the same `step()`.
+
+Asynchronous scheduling (on by default on the GPU): `step()` schedules and launches step N+1
+before it completes step N, so the host's work for a step (scheduling, inputs, LoRA metadata,
+then detokenizing and stop checks of the previous one, and the server's stream writes) runs
+while the GPU computes, and the GPU is never left waiting for it. A decode of N+1 reads its
+input token, not yet on the host, from step N's sampled ids on the device (`Sequence.num_pending`).
+The price: a sequence that stops at step N (EOS, a stop string, an abort) has run one more
+token in N+1, which is dropped; one that reaches its length limit is not scheduled again.
+Everything runs on one CUDA stream, so blocks freed at N and reused at N+2 are written in order.
 """
 
 from __future__ import annotations
@@ -37,6 +47,21 @@ CPU_KV_CACHE_BYTES = 1 << 30
 NO_PROGRESS_TIMEOUT_S = 60.0
 MAX_AUTO_LORA_SLOTS = 512
 _UNUSED_ROW = SamplingParams(temperature=0)  # rows that sample nothing this step
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose sampled tokens are on their way to the host."""
+
+    sampled: list[tuple[int, Sequence]]  # (row, sequence) of the rows that drew a token
+    tokens: torch.Tensor  # (rows,) int64 on the device: the next step reads pending tokens here
+    host_tokens: torch.Tensor  # their copy on the host (page-locked on CUDA)
+    copied: object = None  # torch.cuda.Event of that copy; None on the CPU
+
+    def read_tokens(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_tokens.tolist()
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,9 @@ class Engine:
                                   max_num_batched_tokens=self.limits.max_num_batched_tokens,
                                   max_model_len=self.limits.max_model_len)
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
+        self.async_scheduling = _async_scheduling(settings.async_scheduling, self.device)
+        self._in_flight: LaunchedStep | None = None
+        self.last_step_idle = False  # the last step() ran nothing: waiting on adapter loads
         if self.device.type == "cuda":
             self.runner.warm_up(capture_graphs=not settings.enforce_eager)
 
@@ -149,7 +177,8 @@ class Engine:
         if seed is None:
             seed = random.getrandbits(63)
         key = adapter_key if adapter_key is not None else request.adapter
-        return Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key)
+        limit = min(len(prompt_ids) + request.sampling.max_tokens, self.limits.max_model_len)
+        return Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key, token_limit=limit)
 
     def add_request(self, request: GenerationRequest, adapter_key=None) -> Sequence:
         """Validate and queue one request (engine thread)."""
@@ -162,8 +191,12 @@ class Engine:
         self.scheduler.add(seq)
 
     def fail_running(self, message: str) -> list[Sequence]:
-        """After a failed step: finish every scheduled sequence with an error, keep serving."""
+        """After a failed step: finish every scheduled sequence (and any whose token was in
+        flight) with an error, keep serving."""
         failed = list(self.scheduler.running)
+        if self._in_flight is not None:
+            failed += [seq for _, seq in self._in_flight.sampled if seq not in failed and not seq.is_finished]
+            self._in_flight = None
         for seq in failed:
             self.scheduler.abort(seq)
             seq.error = message
@@ -175,7 +208,7 @@ class Engine:
             self._mark_finished(seq, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def generate(self, requests: list[GenerationRequest], adapter_keys: list | None = None) -> list[GenerationResult]:
         """Run requests to completion in shared batches. `adapter_keys` (one per request)
@@ -200,50 +233,84 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Run one batch; returns the sequences that got a token or finished."""
+        """Run one batch; returns the sequences that got a token or finished. With asynchronous
+        scheduling the tokens returned are those of the step launched by the previous call."""
         out = self.scheduler.schedule()
         for seq in out.failed:
             self._mark_finished(seq, "error")
-        if not out.chunks:
+        launched = self.launch(out.chunks) if out.chunks else None
+        previous, self._in_flight = self._in_flight, launched
+        if not self.async_scheduling:
+            previous, self._in_flight = launched, None
+        self.last_step_idle = not out.chunks and previous is None
+        if previous is None:
             return list(out.failed)
-        logits = self.run(out.chunks)
-        return list(out.failed) + self.postprocess(out.chunks, logits)
+        return list(out.failed) + self.complete(previous)
+
+    def flush(self) -> list[Sequence]:
+        """Complete the step in flight, if any (asynchronous scheduling), so that every sampled
+        token is on the host; returns the sequences it updated."""
+        previous, self._in_flight = self._in_flight, None
+        return self.complete(previous) if previous is not None else []
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits (len(chunks), vocab) at each chunk's last token."""
+        pending = self._in_flight.tokens if self._in_flight is not None else None
         return self.runner.run([
             SequenceChunk(
                 token_ids=c.seq.token_slice(c.seq.num_cached_tokens, c.num_tokens),
                 start_position=c.seq.num_cached_tokens,
                 block_table=c.seq.block_table,
                 lora_slot=c.seq.lora_slot,
+                pending_row=c.seq.pending_row if c.seq.num_pending else -1,
             )
             for c in chunks
-        ])
+        ], pending_tokens=pending)
 
-    def postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[Sequence]:
+    def launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep | None:
+        """Queue the forward and the sampling of the chunks; start the copy of the sampled ids
+        to the host. None when no chunk completes its prompt (nothing to sample)."""
+        logits = self.run(chunks)
         # Only chunks that reach the end of the known tokens sample; a prefill chunk in the
         # middle of a long prompt just fills the KV cache.
         ready = [(row, c.seq) for row, c in enumerate(chunks) if c.completes_prompt]
         for c in chunks:
             c.seq.num_cached_tokens += c.num_tokens
         if not ready:
-            return []
+            return None
         # Every row is sampled (rows of unfinished prompts greedily, and ignored): no gather of
-        # rows with a host-made index. `.tolist()` is the step's one device -> host copy.
+        # rows with a host-made index.
         params = [_UNUSED_ROW] * len(chunks)
         seeds, steps = [0] * len(chunks), [0] * len(chunks)
         for row, seq in ready:
-            params[row], seeds[row], steps[row] = seq.sampling, seq.seed, len(seq.output_ids)
-        tokens = sample(logits, params, seeds, steps).tolist()
-        seqs = [seq for _, seq in ready]
-        for seq, token in zip(seqs, (tokens[row] for row, _ in ready)):
+            params[row], seeds[row], steps[row] = seq.sampling, seq.seed, seq.num_generated
+            seq.num_pending, seq.pending_row = seq.num_pending + 1, row
+        tokens = sample(logits, params, seeds, steps)
+        if tokens.is_cuda:  # the step's one device -> host copy, waited for in complete()
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            return LaunchedStep(ready, tokens, host, copied)
+        return LaunchedStep(ready, tokens, tokens)
+
+    def complete(self, step: LaunchedStep) -> list[Sequence]:
+        """Append a launched step's tokens, check stops and retire finished sequences. A
+        sequence that ended meanwhile (aborted, or stopped at the step before) drops its token."""
+        tokens = step.read_tokens()
+        updated = []
+        for row, seq in step.sampled:
+            if seq.is_finished or seq.num_pending == 0:
+                continue
+            seq.num_pending -= 1
+            token = tokens[row]
             seq.output_ids.append(token)
+            updated.append(seq)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq)
                 self._mark_finished(seq, reason)
-        return seqs
+        return updated
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
@@ -258,7 +325,7 @@ class Engine:
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 return "stop"
-        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.limits.max_model_len:
+        if len(seq.prompt_ids) + len(seq.output_ids) >= seq.token_limit:  # max_tokens, or the context length
             return "length"
         return None
 
@@ -272,6 +339,14 @@ class Engine:
     def _mark_finished(seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _async_scheduling(setting: str, device: torch.device) -> bool:
+    """auto: on the GPU only (on the CPU the forward runs on the scheduling thread itself, so
+    there is nothing to overlap, and a stopped sequence's extra token would cost CPU time)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
 
 
 def _kv_cache_budget(settings: Settings, device: torch.device) -> int:

@@ -109,7 +109,7 @@ class EngineLoop:
             self.num_steps += 1
             self.last_step_at = time.monotonic()
             self._publish(updated)
-            if not updated:
+            if self.engine.last_step_idle:
                 self._wake.wait(0.002)  # waiting on adapter loads: do not spin
                 self._wake.clear()
         for seq_id, consumer in list(self._consumers.items()):  # shutting down: end every stream

@@ -3,7 +3,8 @@
 Plain Python — no torch, no HTTP — so tests drive it with a fake runner. Each step:
 
 1. Running sequences go first, oldest first: a decode feeds one token, a sequence still in
-   its prompt feeds the next chunk that fits the step's token budget (chunked prefill). When
+   its prompt feeds the next chunk that fits the step's token budget (chunked prefill); one
+   whose last token is still on its way from the device runs no more. When
    KV blocks run out, the newest running sequence is preempted (its blocks freed, to be
    recomputed later) — never a crash.
 2. Waiting sequences are admitted round-robin across tenants (one per tenant per round, so a
@@ -103,9 +104,9 @@ class Scheduler:
         return True
 
     def finish(self, seq: Sequence) -> None:
-        """A running sequence is done: release what it holds."""
-        self.running.remove(seq)
-        self._release(seq)
+        """A sequence is done (running, or preempted while its last token was on its way):
+        release what it holds."""
+        self.abort(seq)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -120,6 +121,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.awaits_last_token:  # asynchronous scheduling: it ends when that token arrives
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_cached_tokens, budget)
             need = self.blocks.blocks_needed(seq.num_cached_tokens + n, len(seq.block_table))
             while not self.blocks.can_allocate(need) and self.running[-1] is not seq:
@@ -142,6 +146,8 @@ class Scheduler:
                     return
                 queue = self.waiting[tenant]
                 seq = queue[0]
+                if seq.awaits_last_token:  # preempted just now, its last token on its way
+                    continue
                 if seq.adapter_key is not None:
                     state = self.adapters.prepare(seq.adapter_key)
                     if state == "failed":

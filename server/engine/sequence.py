@@ -27,6 +27,13 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose keys/values are in the KV cache
+    # Asynchronous scheduling (server/engine/engine.py): tokens the device has sampled whose ids
+    # have not reached the host yet (at most 2: step N's, and step N+1's once launched). They count
+    # in num_tokens, so the next step can be scheduled before they arrive; that step reads the
+    # last one on the device, from `pending_row` of the step that sampled it.
+    num_pending: int = 0
+    pending_row: int = -1
+    token_limit: int = 1 << 62  # prompt + output tokens at which the sequence ends with "length"
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     # decode(output_ids) so far (ending in U+FFFD while a character is incomplete), truncated
@@ -52,10 +59,25 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt, output and pending tokens."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens drawn so far, the pending one included (the index of the next draw)."""
+        return len(self.output_ids) + self.num_pending
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its pending token is its last (length limit): nothing more to run for it."""
+        return self.num_pending > 0 and self.num_tokens >= self.token_limit
 
     def token_slice(self, start: int, count: int) -> list[int]:
-        """all_ids[start:start + count] without concatenating prompt and output (every step)."""
+        """all_ids[start:start + count] without concatenating prompt and output (every step);
+        a pending token in the range reads as 0 (the step takes it from the device)."""
+        known = len(self.prompt_ids) + len(self.output_ids)
+        if start + count > known:
+            return self.token_slice(start, known - start) + [0] * (start + count - known)
         num_prompt = len(self.prompt_ids)
         if start >= num_prompt:
             return self.output_ids[start - num_prompt : start - num_prompt + count]

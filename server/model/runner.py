@@ -38,20 +38,24 @@ class SequenceChunk:
     start_position: int  # position of token_ids[0] in the sequence (= tokens already cached)
     block_table: list[int]  # KV blocks of the sequence, enough for start_position + len(token_ids)
     lora_slot: int = -1  # adapter pool slot, -1 = base model
+    # >= 0: the last token's id is not known on the host yet (asynchronous scheduling); the
+    # device reads it from this row of the previous step's sampled tokens
+    pending_row: int = -1
 
 
 class StepBuffers:
     """The step's int32 inputs, in a fixed layout on the host (pinned) and on the device.
 
     Regions: input_ids, positions, slot_mapping (max_tokens each), logits_indices (max_seqs),
-    query_starts (max_seqs + 1), context_lens (max_seqs), block_tables (max_seqs x max_blocks,
-    last, so a step copies only the rows it uses)."""
+    query_starts (max_seqs + 1), context_lens (max_seqs), pending_dst and pending_src (max_seqs:
+    which input tokens come from which row of the previous step's sampled tokens), block_tables
+    (max_seqs x max_blocks, last, so a step copies only the rows it uses)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, device: torch.device):
         self.max_tokens, self.max_seqs, self.max_blocks, self.block_size = max_tokens, max_seqs, max_blocks, block_size
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
                  "logits_indices": max_seqs, "query_starts": max_seqs + 1, "context_lens": max_seqs,
-                 "block_tables": max_seqs * max_blocks}
+                 "pending_dst": max_seqs, "pending_src": max_seqs, "block_tables": max_seqs * max_blocks}
         self._offsets, total = {}, 0
         for name, size in sizes.items():
             self._offsets[name] = (total, size)
@@ -78,11 +82,12 @@ class StepBuffers:
     def fits(self, num_tokens: int, num_seqs: int, max_blocks: int) -> bool:
         return num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and max_blocks <= self.max_blocks
 
-    def fill(self, chunks: list[SequenceChunk], pad_tokens: int = 0, pad_seqs: int = 0) -> tuple[list[int], list[int]]:
-        """Write the step's inputs and copy them to the device; returns the host query starts
-        and context lengths. `pad_tokens` / `pad_seqs` (the shape of a captured graph) add
-        padding tokens, which write no KV and belong to no sequence, and padding sequences,
-        which have no query tokens and a context of 0."""
+    def fill(self, chunks: list[SequenceChunk], pad_tokens: int = 0, pad_seqs: int = 0
+             ) -> tuple[list[int], list[int], int]:
+        """Write the step's inputs and copy them to the device; returns the host query starts,
+        context lengths and the number of pending tokens. `pad_tokens` / `pad_seqs` (the shape of
+        a captured graph) add padding tokens, which write no KV and belong to no sequence, and
+        padding sequences, which have no query tokens and a context of 0."""
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left `host` (at once, when it synced since)
         num_seqs = len(chunks)
@@ -104,6 +109,9 @@ class StepBuffers:
         self.host_view("logits_indices")[:num_seqs] = query_starts[1:] - 1
         self.host_view("query_starts")[: num_seqs + 1] = query_starts
         self.host_view("context_lens")[:num_seqs] = context_lens
+        pending = [(int(query_starts[i + 1]) - 1, c.pending_row) for i, c in enumerate(chunks) if c.pending_row >= 0]
+        if pending:
+            self.host_view("pending_dst")[: len(pending)], self.host_view("pending_src")[: len(pending)] = zip(*pending)
         if pad_tokens > num_tokens:
             pad = slice(num_tokens, pad_tokens)
             self.host_view("input_ids")[pad] = 0
@@ -117,7 +125,13 @@ class StepBuffers:
             end = self._offsets["block_tables"][0] + max(num_seqs, pad_seqs) * self.max_blocks
             self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
             self._copied.record()
-        return query_starts.tolist(), context_lens.tolist()
+        return query_starts.tolist(), context_lens.tolist(), len(pending)
+
+    def take_pending_tokens(self, num_pending: int, sampled: torch.Tensor) -> None:
+        """On the device: the pending input tokens from the previous step's sampled ids."""
+        dst = self.device_view("pending_dst", num_pending)
+        src = self.device_view("pending_src", num_pending)
+        self.device_view("input_ids", self.max_tokens).index_put_((dst,), sampled.index_select(0, src).to(torch.int32))
 
     def attention_meta(self, num_tokens: int, num_seqs: int, max_query_len: int, sliding_window: int | None,
                        host_query_starts: list[int] | None = None, host_context_lens: list[int] | None = None
@@ -188,8 +202,11 @@ class ModelRunner:
         self.graphs = StepGraphs(self, max_batch_size)
         self.graphs.capture()
 
-    def run(self, chunks: list[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
-        """Logits (B, vocab) fp32 at each chunk's last token; with all_logits, (T, vocab)."""
+    def run(self, chunks: list[SequenceChunk], all_logits: bool = False,
+            pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) fp32 at each chunk's last token; with all_logits, (T, vocab).
+        `pending_tokens`: the previous step's sampled ids on the device, where chunks' last
+        tokens are still pending (SequenceChunk.pending_row)."""
         for c in chunks:
             end = c.start_position + len(c.token_ids)
             if end > len(c.block_table) * self.block_size:
@@ -202,11 +219,13 @@ class ModelRunner:
         shape = None if all_logits or self.graphs is None else self.graphs.shape_for(num_tokens, num_seqs)
         if shape is not None:
             pad_tokens, pad_seqs = self.graphs.padding(*shape)
-            self.buffers.fill(chunks, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
+            _, _, num_pending = self.buffers.fill(chunks, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
+            self._take_pending(num_pending, pending_tokens)
             if has_lora:
                 self.lora_meta.update(token_slots + [-1] * (pad_tokens - num_tokens))
             return self.graphs.replay(*shape, has_lora)[:num_seqs]
-        query_starts, context_lens = self.buffers.fill(chunks)
+        query_starts, context_lens, num_pending = self.buffers.fill(chunks)
+        self._take_pending(num_pending, pending_tokens)
         max_query_len = max(len(c.token_ids) for c in chunks)
         attn = self.buffers.attention_meta(num_tokens, num_seqs, max_query_len, self.model.config.sliding_window,
                                            query_starts, context_lens)
@@ -216,6 +235,12 @@ class ModelRunner:
             lora = self.lora_meta
         logits_indices = None if all_logits else self.buffers.device_view("logits_indices", num_seqs)
         return self.model(self.buffers.device_view("input_ids", num_tokens), attn, self.kv_cache, lora, logits_indices)
+
+    def _take_pending(self, num_pending: int, pending_tokens: torch.Tensor | None) -> None:
+        if num_pending:
+            if pending_tokens is None:
+                raise ValueError("chunks with pending tokens need the previous step's sampled ids")
+            self.buffers.take_pending_tokens(num_pending, pending_tokens)
 
     def _ensure_capacity(self, num_tokens: int, num_seqs: int, max_blocks: int) -> None:
         """Library callers may exceed the defaults; the engine never does (graphs keep the buffers)."""
