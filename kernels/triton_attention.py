@@ -32,9 +32,12 @@ the H200: loadtest/bench_attention.py --tune sweeps the alternatives):
   tile ahead with cp.async (seen in the sm_90 PTX), ~39 KB of shared memory per program.
 - prefill or mixed batches: BLOCK_M = the smallest power of two >= max_query_len * G within
   [16, 128], TILE_Q = BLOCK_M // G tokens per tile, BLOCK_N = 64, 8 warps at 128 rows else 4,
-  2 stages (wgmma on sm_90, ~96 KB of shared memory). A decode token in a mixed batch gets a
-  whole, mostly masked tile of its own: compute it does not need, in a batch bound by the
-  prefill's compute anyway.
+  2 stages (wgmma on sm_90, ~96 KB of shared memory). In a mixed batch (the decodes of a
+  running batch beside a new prompt: every other step of a busy server) a decode token would
+  get a whole, mostly masked 128-row tile of its own, at two programs per multiprocessor; so
+  mixed batches take two launches over the same arguments (MIXED_TWO_LAUNCHES): the decode
+  configuration for the sequences of one query token, unsplit, then this one for the others,
+  each launch skipping the other's sequences (the SEQS filter).
 - fp32 (and head_dim > 128) halve BLOCK_N and cap BLOCK_M at 64 to stay within shared memory.
 Query tiles run longest first (causal tiles late in a sequence see the most keys).
 
@@ -66,6 +69,8 @@ from kernels.attention_reference import check_attention_args
 from kernels.triton_shrink import dot_in_fp32, num_sms
 
 SPLIT_KV = True  # split decode batches that leave most multiprocessors idle; the bench can clear it
+MIXED_TWO_LAUNCHES = True  # mixed batches: decode tiles for one-token sequences (see module docstring)
+_ALL, _SINGLE, _MULTI = 0, 1, 2  # which sequences a launch serves: all, one query token, several
 MAX_SPLITS = 16
 _LOG2E = 1.4426950408889634
 
@@ -84,7 +89,7 @@ def _paged_attention_kernel(
     stride_wms, stride_wmt, stride_wmh,
     NUM_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     TILE_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SLIDING: tl.constexpr, DOT_FP32: tl.constexpr,
+    SLIDING: tl.constexpr, DOT_FP32: tl.constexpr, SEQS: tl.constexpr,
 ):
     # axis 0: (query tile, split), split fastest; tiles in reverse so the longest run first
     pid = tl.program_id(0)
@@ -96,7 +101,12 @@ def _paged_attention_kernel(
     q_start = tl.load(query_starts_ptr + seq)
     q_len = tl.load(query_starts_ptr + seq + 1) - q_start
     first_tok = tile * TILE_Q
-    if first_tok < q_len:  # tiles past the sequence's tokens (and padding sequences) do nothing
+    run = first_tok < q_len  # tiles past the sequence's tokens (and padding sequences) do nothing
+    if SEQS == 1:
+        run = run & (q_len == 1)
+    elif SEQS == 2:
+        run = run & (q_len > 1)
+    if run:
         ctx = tl.load(context_lens_ptr + seq)
         rows = tl.arange(0, BLOCK_M)
         tok = first_tok + rows // NUM_GROUP  # (BLOCK_M,) token of the sequence
@@ -264,7 +274,27 @@ def launch_paged_attention(q, k_cache, v_cache, block_tables, query_starts, cont
     if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
         return out
 
-    cfg = dict(config or attention_config(num_seqs, max_query_len, num_kv_heads, group, head_dim, q.dtype, q.device))
+    if config is None and max_query_len > 1 and MIXED_TWO_LAUNCHES and num_seqs > 1:
+        # one launch with decode tiles for the sequences of one query token, one with prefill
+        # tiles for the others; each skips the other's sequences (splits would merge every row)
+        decode_cfg = dict(attention_config(num_seqs, 1, num_kv_heads, group, head_dim, q.dtype, q.device), NUM_SPLITS=1)
+        _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, 1, scale, sliding_window, out,
+                decode_cfg, _SINGLE)
+        cfg = attention_config(num_seqs, max_query_len, num_kv_heads, group, head_dim, q.dtype, q.device)
+        return _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, scale,
+                       sliding_window, out, cfg, _MULTI)
+    cfg = config or attention_config(num_seqs, max_query_len, num_kv_heads, group, head_dim, q.dtype, q.device)
+    return _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, scale,
+                   sliding_window, out, cfg, _ALL)
+
+
+def _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len: int, scale: float,
+            sliding_window: int | None, out: torch.Tensor, config: dict, seqs: int) -> torch.Tensor:
+    num_seqs = context_lens.shape[0]
+    num_heads, head_dim = q.shape[1:]
+    page_size, num_kv_heads = k_cache.shape[1:3]
+    group = num_heads // num_kv_heads
+    cfg = dict(config)
     if not (cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16 and 1 <= cfg["TILE_Q"] * group <= cfg["BLOCK_M"]):
         raise ValueError(f"config {cfg}: tl.dot needs BLOCK_M, BLOCK_N >= 16, and TILE_Q * {group} rows must "
                          "fit in BLOCK_M")
@@ -283,7 +313,7 @@ def launch_paged_attention(q, k_cache, v_cache, block_tables, query_starts, cont
         scale * _LOG2E, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_tables.stride(), *ws_strides,
         NUM_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        SLIDING=sliding_window is not None, DOT_FP32=dot_in_fp32(_paged_attention_kernel, q.dtype), **cfg,
+        SLIDING=sliding_window is not None, DOT_FP32=dot_in_fp32(_paged_attention_kernel, q.dtype), SEQS=seqs, **cfg,
     )
     if splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](

@@ -6,7 +6,9 @@ For a batch of sequences decoding (base model, then each on its own rank-16 q,k,
 the host's share of a step (schedule, building and launching the forward, waiting for the GPU,
 sampling with the read-back, postprocess), medians over 20 steps; then the torch profiler's GPU
 kernels over 5 steps, grouped by kernel, as a share of the step; and mixed steps (the batch's
-decodes plus one 128-token prefill, which run eagerly): their median, and one profiled (host vs GPU). Writes engine_profile_h200.json.
+decodes plus one 128-token prefill, a mixed graph): their median, and one profiled (host vs GPU, its
+kernels). --compare-mixed-attention: the mixed steps again with the attention of a mixed batch in
+one launch instead of two (kernels/triton_attention.py). Writes engine_profile_h200.json.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def kernel_profile(engine: Engine, steps: int = 5, top: int = 14) -> list[dict]:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
+    return kernel_table(prof, steps, top)
+
+
+def kernel_table(prof, steps: int, top: int) -> list[dict]:
+    """The profiled GPU kernels grouped by name, per step, largest first, and their total."""
     rows = []
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
@@ -108,6 +115,7 @@ def mixed_step(engine: Engine, adapter: str | None, top: int = 12) -> dict:
     host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
     return {"median_ms": round(statistics.median(times), 3), "all_ms": [round(t, 2) for t in times],
             "profiled_wall_ms": round(wall, 2), "profiled_gpu_ms": round(gpu_us / 1e3, 2),
+            "kernels": kernel_table(prof, 1, top),
             "top_host_ops": [{"op": e.key[:70], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
                              for e in host]}
 
@@ -116,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "loadtest/results"))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--compare-mixed-attention", action="store_true",
+                        help="then the mixed steps again with attention in one launch (graphs recaptured)")
     args = parser.parse_args()
     batch = args.batch
     settings = Settings(device="cuda", dtype="bfloat16", max_loras=batch + 8, max_lora_rank=RANK,
@@ -141,6 +151,23 @@ def main() -> None:
               f"wall, {mixed['profiled_gpu_ms']} ms GPU; top host ops:")
         for row in mixed["top_host_ops"]:
             print(f"      {row['self_cpu_ms']:8.2f} ms x{row['calls']:<5} {row['op']}")
+        for row in mixed["kernels"]:
+            print(f"   mixed {row['us_per_step']:9.1f} us {row['share']:6.1%} x{row['calls_per_step']:<4} {row['kernel']}")
+    if args.compare_mixed_attention:
+        import kernels.triton_attention as triton_attention
+
+        triton_attention.MIXED_TWO_LAUNCHES = False
+        engine.runner.capture_graphs(engine.limits.max_num_seqs)
+        report["mixed_one_attention_launch"] = {}
+        for case, adapters in (("base", [None] * batch), ("adapters", [f"t{i}" for i in range(batch)])):
+            start_batch(engine, adapters)
+            mixed = mixed_step(engine, adapters[0])
+            report["mixed_one_attention_launch"][case] = mixed
+            for seq in list(engine.scheduler.running):
+                engine.abort(seq)
+            print(f"== {case}, mixed attention in one launch: median {mixed['median_ms']} ms {mixed['all_ms']}")
+            for row in mixed["kernels"][:6]:
+                print(f"   mixed {row['us_per_step']:9.1f} us {row['share']:6.1%} x{row['calls_per_step']:<4} {row['kernel']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "engine_profile_h200.json").write_text(json.dumps(report, indent=2))
 

@@ -146,10 +146,13 @@ MIXED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("two_launches", [True, False], ids=["decode+prefill launches", "one launch"])
 @pytest.mark.parametrize("group,head_dim,block_size,dtype,window", MIXED_CASES)
-def test_mixed_prefill_and_decode(group, head_dim, block_size, dtype, window):
-    """One launch: decodes, a whole prompt, chunked prefills and padding sequences; leading and
-    trailing rows of no sequence; max_query_len an upper bound, not the exact maximum."""
+def test_mixed_prefill_and_decode(group, head_dim, block_size, dtype, window, two_launches, monkeypatch):
+    """Decodes, a whole prompt, chunked prefills and padding sequences; leading and trailing rows
+    of no sequence; max_query_len an upper bound, not the exact maximum. In one launch, and in
+    two (decode tiles for the one-token sequences, prefill tiles for the others)."""
+    monkeypatch.setattr(triton_attention, "MIXED_TWO_LAUNCHES", two_launches)
     gen = seeded("mixed", group, head_dim, block_size, dtype, window)
     b = make_batch(MIXED, 2 * group, 2, head_dim, block_size, dtype, gen, lead_rows=1, max_query_len=23)
     check(b, window)
