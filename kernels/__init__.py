@@ -6,8 +6,8 @@ On CUDA tensors (with triton installed) these are the Triton kernels of `triton_
 for decode batches of more than 64 tokens that mostly have adapters of their own, the
 one-launch kernel of `triton_fused_decode.py`; elsewhere they are the plain-PyTorch references of
 `lora_reference.py`, the test oracle, behind the same signatures. `slot_ranks` ((num_slots, n_slices)
-int32 on the device, optional) lets the Triton kernels read and compute only each slot's true
-rank; the references ignore it, being exact through the pool's zero padding. The Triton modules
+int32 on the device, optional) makes every implementation read only each slot's true rank (the
+device pool's slots overlap: rows past a slot's rank may be another adapter's). The Triton modules
 are imported on first use, so importing `kernels` stays cheap and never decides for the CPU
 interpreter (TRITON_INTERPRET=1) before a test can.
 
@@ -50,14 +50,14 @@ def lora_shrink(x, lora_a, meta, out=None, slot_ranks=None):
     ops = _triton_ops() if x.is_cuda else None
     if ops is not None:
         return ops[0](x, lora_a, meta, out, slot_ranks=slot_ranks)
-    return lora_shrink_reference(x, lora_a, meta, out)
+    return lora_shrink_reference(x, lora_a, meta, out, slot_ranks=slot_ranks)
 
 
 def lora_expand(y, v, lora_b, scales, meta, slot_ranks=None):
     ops = _triton_ops() if y.is_cuda else None
     if ops is not None:
         return ops[1](y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
-    return lora_expand_reference(y, v, lora_b, scales, meta)
+    return lora_expand_reference(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
 
 
 def write_kv(k_cache, v_cache, slot_mapping, k, v):

@@ -256,7 +256,7 @@ class Service:
 
     def _read_snapshot(self) -> EngineSnapshot:
         engine = self.engine
-        limit = engine.limits.max_loras
+        limit = engine.limits.lora_pages  # the most adapters resident at once
         scheduler = engine.scheduler
         running = list(dict.fromkeys(customer for customer, _ in self.cache.resident_keys()))
         waiting = []

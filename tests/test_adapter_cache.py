@@ -93,7 +93,7 @@ def make_rig(tmp_path, adapters):
             store.put(name, adapters[name].config, adapters[name].weights, validate)
         torch.manual_seed(0)
         model = LlamaModel(MODEL)
-        pool = AdapterPool(model, num_slots=num_slots, max_rank=MAX_RANK)
+        pool = AdapterPool(model, max_adapters=num_slots, max_rank=MAX_RANK)
         cache = AdapterCache(store, pool, MODEL, host_bytes=host_bytes, max_rank=MAX_RANK, dtype=torch.float32,
                              **kwargs)
         caches.append(cache)

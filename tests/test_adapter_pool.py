@@ -19,24 +19,56 @@ def _model():
 
 
 def test_slot_holds_exactly_the_adapter_and_reloading_leaves_no_trace():
+    """What readers see of a slot (its rows up to its rank per slice, its scales) is the adapter's,
+    also after a wider adapter had the slot; the other slots stay empty (rank 0)."""
     model = _model()
-    pool = AdapterPool(model, num_slots=3, max_rank=8)
+    pool = AdapterPool(model, max_adapters=3, max_rank=8)
     wide = random_adapter(model.config, rank=8, seed=1, modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     narrow = random_adapter(model.config, rank=2, seed=2, modules=("v_proj",)).packed()
     pool.load(1, wide)
-    pool.load(1, narrow)  # same slot: nothing of `wide` may survive
+    pool.load(1, narrow)  # same slot: nothing of `wide` may be read
     for layer, name, proj in model.projections():
         for i, module in enumerate(PROJECTION_SLICES[name]):
             a, b = proj.lora.lora_a[i][1], proj.lora.lora_b[i][1]
             weights = narrow.modules.get((layer, module))
+            assert proj.lora.slot_ranks[0, i] == 0 and proj.lora.slot_ranks[2, i] == 0  # other slots untouched
             if weights is None:
-                assert not a.any() and not b.any() and proj.lora.slot_ranks[1, i] == 0
+                assert proj.lora.slot_ranks[1, i] == 0
                 continue
             torch.testing.assert_close(a[:2], weights.lora_a, rtol=0, atol=0)
             torch.testing.assert_close(b[:, :2], weights.lora_b, rtol=0, atol=0)
-            assert not a[2:].any() and not b[:, 2:].any()
             assert proj.lora.scales[1, i] == weights.scale and proj.lora.slot_ranks[1, i] == 2
-            assert not proj.lora.lora_a[i][0].any() and not proj.lora.lora_a[i][2].any()  # other slots untouched
+
+
+def test_pages_hold_four_small_adapters_where_one_large_one_fits():
+    """max_rank 64 in pages of 16: a pool sized for 2 adapters of rank 64 holds 8 of rank <= 16
+    side by side; each slot's view starts at its own page, so neighbours never mix, and a rank-64
+    adapter spans four pages from its slot."""
+    model = _model()
+    pool = AdapterPool(model, max_adapters=2, max_rank=64)
+    assert (pool.page_rank, pool.max_block, pool.num_pages) == (16, 4, 8)
+    small = [random_adapter(model.config, rank=r, seed=10 + i, modules=ALL) for i, r in enumerate([16, 8, 16, 4] * 2)]
+    for page, adapter in enumerate(small):
+        pool.load(page, adapter)
+    large = random_adapter(model.config, rank=64, seed=30, modules=ALL)
+    for layer, name, proj in model.projections():
+        for i, module in enumerate(PROJECTION_SLICES[name]):
+            for page, adapter in enumerate(small):
+                w = adapter.modules[(layer, module)]
+                r = w.lora_a.shape[0]
+                assert proj.lora.slot_ranks[page, i] == r
+                torch.testing.assert_close(proj.lora.lora_a[i][page, :r], w.lora_a, rtol=0, atol=0)
+                torch.testing.assert_close(proj.lora.lora_b[i][page, :, :r], w.lora_b, rtol=0, atol=0)
+    pool.load(4, large)  # pages 4..7
+    with pytest.raises(IndexError):
+        pool.load(6, large)  # would run past the last page
+    for layer, name, proj in model.projections():
+        for i, module in enumerate(PROJECTION_SLICES[name]):
+            w = large.modules[(layer, module)]
+            torch.testing.assert_close(proj.lora.lora_a[i][4], w.lora_a, rtol=0, atol=0)
+            torch.testing.assert_close(proj.lora.lora_b[i][4], w.lora_b, rtol=0, atol=0)
+            assert proj.lora.slot_ranks[0, i] == 16  # the first pages' tenants are still there
+    assert pool.pages_for(large) == 4 and pool.pages_for(small[1]) == 1
 
 
 def test_packed_adapter_is_one_buffer_with_identical_values():
@@ -76,25 +108,27 @@ def _mixed_ranks(config, seed: int):
 
 
 def _slot_state(model, slot: int) -> list[torch.Tensor]:
+    """What readers see of a slot: per slice its rank, scale, and A and B up to that rank."""
     out = []
     for _, _, proj in model.projections():
-        out += [t[slot] for t in (*proj.lora.lora_a, *proj.lora.lora_b)]
-        out += [proj.lora.scales[slot], proj.lora.slot_ranks[slot]]
+        for i, (a, b) in enumerate(zip(proj.lora.lora_a, proj.lora.lora_b)):
+            r = int(proj.lora.slot_ranks[slot, i])
+            out += [proj.lora.slot_ranks[slot, i], proj.lora.scales[slot, i], a[slot, :r], b[slot, :, :r]]
     return out
 
 
 @pytest.mark.parametrize("history", [
-    ("wide",),  # rank 8 on all seven, then rank 2 on v_proj alone: rows to zero
-    ("narrow",),  # the same footprint again: nothing to zero
+    ("wide",),  # rank 8 on all seven, then rank 2 on v_proj alone: stale rows past the ranks
+    ("narrow",),  # the same adapter again
     ("mixed", "wide"),
-    ("wide", "failed"),  # a load that failed half-way leaves the slot unknown: zeroed whole
+    ("wide", "failed"),  # a load that failed half-way leaves rank 0, then the newcomer loads
     ("wide", "cleared"),
 ])
 def test_reused_slot_equals_a_fresh_pool_and_the_reference(history, monkeypatch):
     reused_model, fresh_model = _model_pair()
     cfg = reused_model.config
-    reused = AdapterPool(reused_model, num_slots=3, max_rank=8)
-    fresh = AdapterPool(fresh_model, num_slots=3, max_rank=8)
+    reused = AdapterPool(reused_model, max_adapters=3, max_rank=8)
+    fresh = AdapterPool(fresh_model, max_adapters=3, max_rank=8)
     tenants = {"wide": random_adapter(cfg, rank=8, seed=1, modules=ALL),
                "narrow": random_adapter(cfg, rank=2, seed=5, modules=("v_proj",)),
                "mixed": _mixed_ranks(cfg, seed=3)}
@@ -105,6 +139,7 @@ def test_reused_slot_equals_a_fresh_pool_and_the_reference(history, monkeypatch)
         if step == "failed":
             with pytest.raises(RuntimeError, match="simulated"):
                 _failing_load(reused, tenants["mixed"], monkeypatch)
+            assert all(not proj.lora.slot_ranks[1].any() for _, _, proj in reused_model.projections())
         elif step == "cleared":
             reused.clear(1)
         else:
@@ -152,7 +187,7 @@ def _failing_load(pool, adapter, monkeypatch):
 def test_a_plan_is_made_once_per_adapter_and_pool():
     """Later loads reuse it; it addresses the adapter's own rows, not the slot's max_rank."""
     model = _model()
-    pool = AdapterPool(model, num_slots=2, max_rank=8)
+    pool = AdapterPool(model, max_adapters=2, max_rank=8)
     adapter = random_adapter(model.config, rank=4, seed=2, modules=ALL).packed()
     plan = pool.plan(adapter)
     pool.load(0, adapter)

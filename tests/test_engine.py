@@ -120,3 +120,21 @@ def test_stops_and_aborts_with_a_token_in_flight_drop_it(engine):
     assert seq.finish_reason == "abort" and seq.output_ids == full.token_ids[: len(seq.output_ids)]
     assert other.output_ids == eos.token_ids and other.finish_reason == "stop"
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_small_adapters_share_the_pages_of_one_large_one(default_model_dir):
+    """A pool sized for one adapter of rank 32 (two pages of 16) holds two of rank <= 16 at once:
+    they run in the same batch, and each gives what it gives alone."""
+    e = Engine.from_dir(default_model_dir, Settings(max_loras=1, max_lora_rank=32, num_kv_blocks=64, kv_block_size=8,
+                                                    max_num_seqs=4, max_model_len=256))
+    assert (e.pool.num_pages, e.limits.lora_pages) == (2, 2)
+    for i, rank in enumerate((16, 8)):
+        e.add_adapter(f"small-{i}", random_adapter(e.model.config, rank=rank, seed=20 + i))
+    requests = [GenerationRequest("The weather today", greedy(8, ignore_eos=True), adapter=f"small-{i}") for i in range(2)]
+    alone = [e.generate([r])[0].token_ids for r in requests]
+    seqs = [e.add_request(r) for r in requests]
+    e.step()
+    assert sorted(s.lora_slot for s in seqs) == [0, 1]  # both resident, side by side
+    while e.has_work():
+        e.step()
+    assert [s.output_ids for s in seqs] == alone and alone[0] != alone[1]

@@ -41,7 +41,7 @@ def _setup(path, adapters):
     model = load_model(path, torch.float32, "cpu")
     c = model.config
     kv = KVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
-    pool = AdapterPool(model, num_slots=len(adapters) + 1, max_rank=16)
+    pool = AdapterPool(model, max_adapters=len(adapters) + 1, max_rank=16)
     slots = {}
     for slot, (name, (_, adapter)) in enumerate(sorted(adapters.items()), start=1):  # slot 0 stays empty
         pool.load(slot, adapter)

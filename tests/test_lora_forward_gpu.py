@@ -25,7 +25,7 @@ def test_mixed_batch_on_cuda_matches_peft(tmp_path, dtype, atol):
     hf.save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base", dtype, "cuda")
     names = sorted(LORA_CONFIGS)
-    peft_models, pool = {}, AdapterPool(model, num_slots=len(names) + 2, max_rank=16)
+    peft_models, pool = {}, AdapterPool(model, max_adapters=len(names) + 2, max_rank=16)
     for slot, name in enumerate(names, start=1):
         peft_models[name] = make_peft_model(copy.deepcopy(hf), name, seed=slot)
         adapter = load_peft_adapter_dir(save_adapter(peft_models[name], tmp_path / name), model.config, max_rank=16, dtype=dtype)

@@ -132,7 +132,7 @@ def test_padded_graph_shapes_compute_the_unpadded_logits(with_adapters):
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = random_model(shape, torch.float32, "cpu", seed=4)
     c = model.config
-    pool = AdapterPool(model, num_slots=3, max_rank=8)
+    pool = AdapterPool(model, max_adapters=3, max_rank=8)
     for slot in range(3):
         pool.load(slot, random_adapter(c, 4 + 2 * slot, ("q_proj", "v_proj", "down_proj"), seed=slot,
                                        dtype=torch.float32, b_std=0.2))
@@ -175,7 +175,7 @@ def test_graph_dummy_inputs_fit_every_captured_shape():
     shape = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=48,
                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = random_model(shape, torch.float32, "cpu")
-    AdapterPool(model, num_slots=5, max_rank=4)
+    AdapterPool(model, max_adapters=5, max_rank=4)
     c = model.config
     runner = ModelRunner(model, KVCache(1, 8, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, "cpu"), "cpu",
                          max_num_seqs=256, max_num_batched_tokens=512, max_model_len=32)

@@ -71,8 +71,9 @@ class EngineLimits:
     max_model_len: int
     num_kv_blocks: int
     kv_block_size: int
-    max_loras: int
+    max_loras: int  # adapters of max_lora_rank the device pool holds at once
     max_lora_rank: int
+    lora_pages: int  # pages of the pool: the most adapters resident at once (all of rank <= a page)
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -102,7 +103,7 @@ class Engine:
         # the adapter pool first: on the GPU the KV cache takes what memory is left
         max_loras = settings.max_loras or _auto_lora_slots(settings, model, self.device)
         self.pool = AdapterPool(self.model, max_loras, settings.max_lora_rank)
-        self.limits = _limits(settings, cfg, self.dtype, self.device, max_loras)
+        self.limits = _limits(settings, cfg, self.dtype, self.device, max_loras, self.pool.num_pages)
         self.kv_cache = KVCache(
             cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
             cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
@@ -365,9 +366,10 @@ def default_max_num_seqs(device: torch.device) -> int:
 
 
 def _auto_lora_slots(settings: Settings, model: LlamaModel, device: torch.device) -> int:
-    """Adapter slots when the settings leave it open: on the GPU as many as
-    `lora_memory_fraction` of its memory holds at the largest rank (S-LoRA-style: hundreds
-    of small adapters resident), between 8 and MAX_AUTO_LORA_SLOTS; on the CPU 8."""
+    """Adapters of the largest rank the pool holds when the settings leave it open: on the GPU
+    as many as `lora_memory_fraction` of its memory holds, between 8 and MAX_AUTO_LORA_SLOTS; on
+    the CPU 8. Smaller adapters take fewer pages (server/lora/pool.py): at the default max rank
+    64, four times as many rank-16 ones fit (S-LoRA-style: hundreds resident)."""
     if device.type != "cuda":
         return 8
     per_slot = sum(
@@ -378,7 +380,8 @@ def _auto_lora_slots(settings: Settings, model: LlamaModel, device: torch.device
     return max(8, min(MAX_AUTO_LORA_SLOTS, int(settings.lora_memory_fraction * total) // per_slot))
 
 
-def _limits(settings: Settings, cfg, dtype: torch.dtype, device: torch.device, max_loras: int) -> EngineLimits:
+def _limits(settings: Settings, cfg, dtype: torch.dtype, device: torch.device, max_loras: int,
+            lora_pages: int) -> EngineLimits:
     max_model_len = settings.max_model_len or min(cfg.max_position_embeddings, 8192)
     max_num_seqs = settings.max_num_seqs or default_max_num_seqs(device)
     num_blocks = settings.num_kv_blocks
@@ -394,6 +397,7 @@ def _limits(settings: Settings, cfg, dtype: torch.dtype, device: torch.device, m
         kv_block_size=settings.kv_block_size,
         max_loras=max_loras,
         max_lora_rank=settings.max_lora_rank,
+        lora_pages=lora_pages,
     )
 
 

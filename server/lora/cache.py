@@ -23,8 +23,9 @@ States of one key (`state(key)`; when a key is both in host RAM and on the devic
   touch the device.
   An adapter larger than the whole budget still loads: it is held outside the LRU (one at a time,
   the latest such load) until it is pinned onto the device. Never a deadlock.
-- Device tier: the pool's slots, chosen by `SlotTable` (a free one, else the least recently used
-  unpinned one). A pinned adapter is never evicted or overwritten.
+- Device tier: the pool's pages, placed by `SlotTable` (a free block of the adapter's size, else
+  the block of the least recently used unpinned ones). A pinned adapter is never evicted or
+  overwritten.
 
 Threads: the engine thread calls prepare / can_pin / pin / unpin; loader threads read and parse
 files off the critical path, one load per key however many ask (single-flight); the admin API
@@ -166,8 +167,7 @@ class AdapterCache:
         self._prepared: tuple[AdapterKey, LoRAAdapter] | None = None  # the last "ready" answer, for pin
         self._loading: dict[AdapterKey, object] = {}  # key -> token of the load in flight
         self._failed: dict[AdapterKey, tuple[str, float]] = {}  # key -> (message, time.monotonic())
-        self._slots = SlotTable(pool.num_slots)
-        self._slot_owner: dict[int, AdapterKey] = {}
+        self._slots = SlotTable(pool.num_pages, pool.max_block)
         self._device_bytes: dict[AdapterKey, int] = {}  # copied into a slot completely
         self._pins: dict[AdapterKey, int] = {}
         self._counters = _Counters()
@@ -209,7 +209,7 @@ class AdapterCache:
 
     def can_pin(self, key: AdapterKey) -> bool:
         with self._lock:
-            return self._slots.can_acquire(key)
+            return self._slots.can_acquire(key, self._pages(key))
 
     def pin(self, key: AdapterKey) -> int:
         """Make the adapter device-resident if it is not, count one more user; returns its slot.
@@ -217,15 +217,13 @@ class AdapterCache:
         Raises RuntimeError when every slot is pinned (ask `can_pin` first) and AdapterLoadError
         when the adapter had to be read again and that failed."""
         with self._lock:
-            slot, needs_load = self._slots.acquire(key)
+            slot, needs_load, evicted = self._slots.acquire(key, self._pages(key))
             self._pins[key] = self._pins.get(key, 0) + 1
             if not needs_load:
                 return slot
-            evicted = self._slot_owner.get(slot)
-            if evicted is not None:
-                self._device_bytes.pop(evicted, None)
+            for victim in evicted:
+                self._device_bytes.pop(victim, None)
                 self._counters.device_evictions += 1
-            self._slot_owner[slot] = key
             adapter = self._prepared[1] if self._prepared and self._prepared[0] == key else self._held(key)
             self._prepared = None
             if self._oversized and self._oversized[0] == key:
@@ -244,7 +242,6 @@ class AdapterCache:
                 self._pins.pop(key)
                 self._slots.release(key)
                 self._slots.evict(key)
-                self._slot_owner.pop(slot)
             self.pool.clear(slot)
             message = self._load_failed(key, None, e)
             raise AdapterLoadError(key, message) from e
@@ -292,14 +289,14 @@ class AdapterCache:
     def resident_keys(self) -> list[AdapterKey]:
         """The adapters in device slots, by slot."""
         with self._lock:
-            return [self._slot_owner[slot] for slot in sorted(self._slot_owner)]
+            return [key for _, key in self._slots.residents()]
 
     def stats(self) -> CacheStats:
         with self._lock:
             c = self._counters
             host = TierStats(c.host_queries, c.host_hits, self._host.evictions, len(self._host),
                              self._host.adapter_bytes)
-            device = TierStats(c.device_queries, c.device_hits, c.device_evictions, len(self._slot_owner),
+            device = TierStats(c.device_queries, c.device_hits, c.device_evictions, self._slots.num_resident,
                                sum(self._device_bytes.values()))
             return CacheStats(host, device, dict(c.loads), dict(c.load_seconds), c.load_failures, len(self._loading))
 
@@ -351,6 +348,14 @@ class AdapterCache:
             return None
         return failure[0]
 
+    def _pages(self, key: AdapterKey) -> int:
+        """Device pages the adapter takes: from its host copy, else (not held: read again at
+        pin) as many as the largest rank takes, so that the pin cannot find too little room."""
+        if self._prepared and self._prepared[0] == key:
+            return self.pool.pages_for(self._prepared[1])
+        adapter = self._held(key)
+        return self.pool.pages_for(adapter) if adapter is not None else self.pool.max_block
+
     def _held(self, key: AdapterKey) -> LoRAAdapter | None:
         """The adapter if it is in host RAM, marked as just used (lock held)."""
         if key in self._host:
@@ -378,10 +383,9 @@ class AdapterCache:
                 self._oversized = None
             if self._prepared and retired(self._prepared[0]):
                 self._prepared = None
-            for slot, key in list(self._slot_owner.items()):
+            for _, key in self._slots.residents():
                 if retired(key) and key not in self._pins:
                     self._slots.evict(key)
-                    del self._slot_owner[slot]
                     self._device_bytes.pop(key, None)
             keep = in_use | {v for c, v in [*self._pins, *self._loading] if c == customer_id}
         return self.store.prune(customer_id, keep)

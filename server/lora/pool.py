@@ -1,28 +1,34 @@
-"""The device tier of adapters: preallocated LoRA slots that the kernels read.
+"""The device tier of adapters: preallocated LoRA rows that the kernels read, in pages.
 
-For each layer and fused projection, `num_slots` slots of `max_rank`, zero-padded (see
-kernels/lora_reference.py for the layout). Each slice keeps its own contiguous
-(num_slots, max_rank, width) tensor, as the kernels expect, but these are views of a few "row
-group" allocations, one per kind and row width: `_groups[("a", 4096)]` is
-(modules, num_slots, max_rank, 4096) and holds the A of every slice whose input is 4096 wide,
-`_groups[("b", w)]` the rank-major B^T of every slice w wide. So any set of a slot's rows is one
-index per group away.
+For each layer and fused projection, rows of A and (rank-major) B for every slice, cut into
+`num_pages` pages of `page_rank` rows (min(16, max_rank)). An adapter of rank r takes
+ceil(r / page_rank) consecutive pages (a block placed by SlotTable, server/lora/slots.py, rounded
+up to a power of two) and its first page is its slot: the kernels read slot s's rows at
+`s * page_rank`, rows 0..rank-1, so a slice's tensor is the overlapping view
+(num_pages, max_rank, width) with a stride of page_rank rows between slots (and max_rank -
+page_rank rows of padding at the end, so the last slot's view stays inside the storage). Every
+reader stops at the slot's true rank per slice (`slot_ranks`; the Triton kernels and the
+PyTorch reference alike), so rows past an adapter's rank, which belong to the next page's
+tenant or to an earlier one, are never read, and no load zeroes anything. The pool sized for
+N adapters of max_rank holds N * max_rank / r of rank r: hundreds of rank-16 adapters where
+dozens of rank-64 ones fit (S-LoRA's unified paging, with contiguous pages).
+
+Each slice's rows are views of a few "row group" allocations, one per kind and row width:
+`_groups[("a", 4096)]` is (modules, rows per member, 4096) and holds the A of every slice whose
+input is 4096 wide, `_groups[("b", w)]` the rank-major B^T of every slice w wide. So any set of
+an adapter's rows is one index per group away.
 
 Loading an adapter into a slot (`load`) takes its packed buffer (server/lora/adapter.py, rows
 grouped the same way) and its `SlotPlan` (made once per adapter and pool, on the cache's loader
 thread), then:
-  1. on CUDA, one copy of the buffer into a staging buffer of one slot's size, on a side stream
-     so that it overlaps the step in flight (non_blocking: page-locked buffers copy
+  1. on CUDA, one copy of the buffer into a staging buffer of one max-rank adapter's size, on a
+     side stream so that it overlaps the step in flight (non_blocking: page-locked buffers copy
      asynchronously, others synchronously);
-  2. waits (on the side stream) for the batches that may still read the slot's old contents;
-  3. zeroes the previous tenant's rows unless the new one covers exactly the same rows
-     (`index_fill_`), so the slot ends as if loaded into a fresh zeroed pool: the PyTorch
-     reference reads the zero padding, the Triton kernels stop at `slot_ranks`;
-  4. one `index_copy_` of rows per group (the plan's row indices plus the slot's offset);
-  5. copies the slot's scales and ranks from small tensors of the plan.
+  2. waits (on the side stream) for the batches that may still read the pages' old contents;
+  3. one `index_copy_` of rows per group (the plan's row indices plus the slot's offset);
+  4. copies the slot's scales and ranks from small tensors of the plan.
 The compute stream then waits for the side stream before its next use. No Python loop over
-modules runs on this path: a dozen launches whatever the adapter's size. Which adapter sits
-in which slot is decided by SlotTable (server/lora/slots.py).
+modules runs on this path: a few launches whatever the adapter's size.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 
 from server.lora.adapter import LoRAAdapter
+from server.lora.slots import block_pages
 from server.model.llama import LlamaModel, LoRASlots
 
 # Our fused projections and the PEFT module names of their slices, in order.
@@ -45,7 +52,7 @@ PROJECTION_SLICES = {
     "down_proj": ("down_proj",),
 }
 _MAX_SLICES = 3
-_UNKNOWN = object()  # a slot whose contents a failed load left unknown: zeroed whole before reuse
+PAGE_RANK = 16  # rows of a page (fewer when max_rank is smaller): the unit adapters are placed in
 
 
 @dataclass(frozen=True)
@@ -54,22 +61,27 @@ class SlotPlan:
 
     numel: int  # elements of the packed buffer
     groups: tuple[tuple[tuple[str, int], int, int, int], ...]  # (group, buffer offset, first row index, rows)
-    rows: torch.Tensor  # int64: each buffer row's row in its group for slot 0 (+ slot * max_rank)
+    rows: torch.Tensor  # int64: each buffer row's row in its group for slot 0 (+ slot * page_rank)
     scales: torch.Tensor  # float32 (layers, projections, 3): the slot's scales
     ranks: torch.Tensor  # int32, the same shape: the slot's ranks (0 where not targeted)
-    footprint: tuple  # ((layer, module), rank) written: equal footprints write the same rows
+    pages: int  # pages the adapter spans (its largest rank over page_rank, rounded up)
 
 
 class AdapterPool:
-    def __init__(self, model: LlamaModel, num_slots: int, max_rank: int):
-        self.num_slots = num_slots
+    def __init__(self, model: LlamaModel, max_adapters: int, max_rank: int):
+        """Room for `max_adapters` adapters of `max_rank` at once (more of smaller ranks)."""
         self.max_rank = max_rank
+        self.page_rank = min(PAGE_RANK, max_rank)
+        self.max_block = block_pages(-(-max_rank // self.page_rank))  # pages of a max-rank adapter
+        self.max_adapters = max_adapters
+        self.num_pages = num_pages = max_adapters * self.max_block
+        self._member_rows = num_pages * self.page_rank + max_rank - self.page_rank
         weight = model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         num_layers = model.config.num_layers
         # Scales and ranks of every (layer, projection) in two tensors, so a slot's whole row
         # is written with one copy: (layers, projections, slots, max slices)
-        shape = (num_layers, len(PROJECTION_SLICES), num_slots, _MAX_SLICES)
+        shape = (num_layers, len(PROJECTION_SLICES), num_pages, _MAX_SLICES)
         self._scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self._proj_index = {name: i for i, name in enumerate(PROJECTION_SLICES)}
@@ -83,9 +95,9 @@ class AdapterPool:
             for module, out_features in zip(PROJECTION_SLICES[name], proj.out_sizes):
                 members.setdefault(("a", proj.weight.shape[1]), []).append((layer, module))
                 members.setdefault(("b", out_features), []).append((layer, module))
-        self._groups = {key: torch.zeros(len(m), num_slots, max_rank, key[1], dtype=self.dtype, device=self.device)
+        self._groups = {key: torch.zeros(len(m), self._member_rows, key[1], dtype=self.dtype, device=self.device)
                         for key, m in members.items()}
-        self._rows = {key: g.view(-1, key[1]) for key, g in self._groups.items()}  # (modules * slots * max_rank, width)
+        self._rows = {key: g.view(-1, key[1]) for key, g in self._groups.items()}  # (modules * member rows, width)
         # (kind, layer, module) -> (group, index in the group)
         self._member = {(key[0], *m): (key, j) for key, ms in members.items() for j, m in enumerate(ms)}
         self._slots: dict[tuple[int, str], LoRASlots] = {}
@@ -102,18 +114,29 @@ class AdapterPool:
             proj.lora = slots
             self._slots[(layer, name)] = slots
         # Plans depend on this geometry only; adapters keep theirs under this key.
-        self._plan_key = (self.device.type, num_slots, max_rank, tuple((k, len(m)) for k, m in members.items()))
-        self._footprints: list = [None] * num_slots  # SlotPlan of the tenant, None when zero, or _UNKNOWN
+        self._plan_key = (self.device.type, self._member_rows, self.page_rank, max_rank,
+                          tuple((k, len(m)) for k, m in members.items()))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self._copy_stream is not None:
             slot_numel = sum(len(m) * max_rank * key[1] for key, m in members.items())
             slot_rows = sum(len(m) for m in members.values()) * max_rank
             self._staging = torch.empty(slot_numel, dtype=self.dtype, device=self.device)  # one slot's worth
-            self._row_staging = torch.empty(2 * slot_rows, dtype=torch.int64, device=self.device)
+            self._row_staging = torch.empty(slot_rows, dtype=torch.int64, device=self.device)
+
+    @property
+    def num_slots(self) -> int:
+        """Slots the kernels index: one per page (an adapter's slot is its first page)."""
+        return self.num_pages
+
+    def pages_for(self, adapter: LoRAAdapter) -> int:
+        """Pages an adapter takes (before rounding up to its block)."""
+        return max(1, -(-adapter.rank // self.page_rank))
 
     def _slice(self, kind: str, layer: int, module: str) -> torch.Tensor:
+        """(num_pages, max_rank, width): slot s is rows s * page_rank.. of the member's rows (overlapping views)."""
         key, j = self._member[(kind, layer, module)]
-        return self._groups[key][j]  # (num_slots, max_rank, width), contiguous
+        width = key[1]
+        return self._groups[key][j].as_strided((self.num_pages, self.max_rank, width), (self.page_rank * width, width, 1))
 
     @property
     def nbytes(self) -> int:
@@ -131,38 +154,32 @@ class AdapterPool:
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Write an adapter into a slot; modules it does not target get zeros. The adapter is
         packed here first if it is not (slow: the cache and the in-memory registry pack once)."""
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds the pool's max rank {self.max_rank}")
+        if not 0 <= slot <= self.num_pages - self.pages_for(adapter):
+            raise IndexError(f"slot {slot}: an adapter of {self.pages_for(adapter)} pages does not fit "
+                             f"{self.num_pages} pages there")
         if adapter.layout is None:
             adapter = adapter.packed(pin_memory=self._copy_stream is not None, dtype=self.dtype)
         plan = self.plan(adapter)
         with self._side_stream() as wait_for_readers:
             source = self._source(adapter.buffer, plan.numel)
             rows = self._device_rows(plan.rows, slot, 0)
-            previous, self._footprints[slot] = self._footprints[slot], _UNKNOWN
             wait_for_readers()
-            if previous is _UNKNOWN:
-                self._zero_slot(slot)
-            elif previous is not None and previous.footprint != plan.footprint:
-                old_rows = self._device_rows(previous.rows, slot, plan.rows.numel())
-                for key, _, first, n in previous.groups:
-                    self._rows[key].index_fill_(0, old_rows[first : first + n], 0)
+            self._ranks[:, :, slot].zero_()  # a load that fails midway leaves rank 0: half-copied rows are never read
             for key, offset, first, n in plan.groups:
                 width = key[1]
                 source_rows = source[offset : offset + n * width].view(n, width)
                 self._rows[key].index_copy_(0, rows[first : first + n], source_rows)
             self._scales[:, :, slot].copy_(plan.scales, non_blocking=True)
             self._ranks[:, :, slot].copy_(plan.ranks, non_blocking=True)
-            self._footprints[slot] = plan
 
     def clear(self, slot: int) -> None:
-        """Zero a slot (e.g. after a failed load)."""
+        """Mark a slot empty (e.g. after a failed load): rank 0 everywhere, so nothing reads its rows."""
         with self._side_stream() as wait_for_readers:
             wait_for_readers()
-            self._zero_slot(slot)
-            self._footprints[slot] = None
+            self._scales[:, :, slot].zero_()
+            self._ranks[:, :, slot].zero_()
 
     # --- internals
     def _make_plan(self, adapter: LoRAAdapter) -> SlotPlan:
@@ -171,7 +188,7 @@ class AdapterPool:
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds the pool's max rank {self.max_rank}")
         groups, starts, counts, first = [], [], [], 0
-        stride = self.num_slots * self.max_rank  # rows per group member
+        stride = self._member_rows  # rows per group member
         for group in adapter.layout:
             key = (group.kind, group.width)
             for layer, module, rank in group.members:
@@ -195,8 +212,8 @@ class AdapterPool:
         ranks.index_put_(index, torch.tensor([m.rank for m in adapter.modules.values()], dtype=torch.int32))
         if self._copy_stream is not None:  # sources of non_blocking copies must be page-locked
             rows, scales, ranks = rows.pin_memory(), scales.pin_memory(), ranks.pin_memory()
-        footprint = tuple(sorted((key, m.rank) for key, m in adapter.modules.items()))
-        return SlotPlan(sum(g.numel for g in adapter.layout), tuple(groups), rows, scales, ranks, footprint)
+        return SlotPlan(sum(g.numel for g in adapter.layout), tuple(groups), rows, scales, ranks,
+                        self.pages_for(adapter))
 
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[Callable[[], None]]:
@@ -229,12 +246,7 @@ class AdapterPool:
     def _device_rows(self, rows: torch.Tensor, slot: int, offset: int) -> torch.Tensor:
         """The plan's row indices for `slot`, on the device (staged at `offset` on CUDA)."""
         if self._copy_stream is None:
-            return (rows + slot * self.max_rank).to(self.device)
+            return (rows + slot * self.page_rank).to(self.device)
         staged = self._row_staging[offset : offset + rows.numel()]
         staged.copy_(rows, non_blocking=True)
-        return staged.add_(slot * self.max_rank)
-
-    def _zero_slot(self, slot: int) -> None:
-        torch._foreach_zero_([g[:, slot] for g in self._groups.values()])
-        self._scales[:, :, slot].zero_()
-        self._ranks[:, :, slot].zero_()
+        return staged.add_(slot * self.page_rank)

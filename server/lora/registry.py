@@ -16,7 +16,7 @@ from server.lora.slots import SlotTable
 class InMemoryAdapters:
     def __init__(self, pool: AdapterPool):
         self.pool = pool
-        self.slots = SlotTable(pool.num_slots)
+        self.slots = SlotTable(pool.num_pages, pool.max_block)
         self.adapters: dict[Hashable, LoRAAdapter] = {}
 
     def register(self, key: Hashable, adapter: LoRAAdapter) -> None:
@@ -33,10 +33,10 @@ class InMemoryAdapters:
         return f"adapter {key!r} is not registered"
 
     def can_pin(self, key: Hashable) -> bool:
-        return self.slots.can_acquire(key)
+        return self.slots.can_acquire(key, self.pool.pages_for(self.adapters[key]))
 
     def pin(self, key: Hashable) -> int:
-        slot, needs_load = self.slots.acquire(key)
+        slot, needs_load, _ = self.slots.acquire(key, self.pool.pages_for(self.adapters[key]))
         if needs_load:
             self.pool.load(slot, self.adapters[key])
         return slot
