@@ -6,8 +6,9 @@ the memory roofline measured in the same run (issue 10, item 6).
 
 One run: (1) the device-to-device copy bandwidth; (2) a random bf16 checkpoint in Hugging Face
 layout (plus the tokenizer from --tokenizer; prompts are token ids, the tokenizer only decodes);
-(3) the engine's decode step alone, in process (batch 64, base and 32 distinct adapters; skip
-with --no-engine-alone), freed before (4) `python -m server.cli serve` starts as a subprocess
+(3) the engine alone, in process: its decode step (batch 64, base and 32 distinct adapters) and
+the phases' own closed loop without the server (64 requests always in flight; skip both with
+--no-engine-alone), freed before (4) `python -m server.cli serve` starts as a subprocess
 (log: <out>/server_<shape>.log); (5) the first request after /ready; (6) N PEFT adapters
 uploaded through the admin API; (7) phases of closed-loop streaming clients: `tenantsN@C` is C
 concurrent clients, each request for one of N tenants round-robin (`base@C`: no tenant header),
@@ -261,7 +262,7 @@ def _engine_alone(args, ckpt_dir: Path, device: str, sizes, bandwidth: dict, pro
         return {"skipped": True}
     progress(f"engine alone: batch {args.engine_batch}, base and {args.engine_adapters} adapters")
     engine = measure_engine_alone(ckpt_dir, device, args.engine_batch, args.prompt_tokens, args.engine_decode_steps,
-                                  args.engine_adapters, args.rank)
+                                  args.engine_adapters, args.rank, closed_loop_tokens=args.max_tokens)
     if engine.get("error"):
         progress(f"  engine alone failed (reported in the JSON):\n{engine['error']}")
         return engine
@@ -270,6 +271,9 @@ def _engine_alone(args, ckpt_dir: Path, device: str, sizes, bandwidth: dict, pro
                                            min(args.engine_adapters, args.engine_batch), bandwidth["bytes_per_s"])
     progress(f"  base step {report.fmt_ms(engine['base_step_s'])}, adapters step "
              f"{report.fmt_ms(engine['adapters_step_s'])}, roofline {report.fmt_ms(engine['roofline']['step_s'])}")
+    for case, loop in (engine.get("closed_loop") or {}).items():
+        if isinstance(loop, dict):
+            progress(f"  closed loop ({case}): {loop['tokens_per_s']:.0f} tok/s, step {report.fmt_ms(loop['step_s'])}")
     held = (engine.get("device_memory_after") or {}).get("reserved_bytes", 0)
     if held > 1 << 30:
         progress(f"  warning: {held / 2**30:.1f} GiB still held after the engine was freed; the server gets less")

@@ -188,7 +188,21 @@ def phase_targets(phase: dict, base_tps: dict[int, float], engine: dict | None) 
     alone = _engine_step(engine, phase)
     if step and alone:
         out.append(_target("server step mean / engine-alone step", step / alone, 1.1, "<="))
+    loop = _engine_closed_loop(engine, phase)
+    if loop:  # the same ratio against the same workload (decodes and prefills mixed) without the server
+        out.append(_target("engine-alone closed loop tokens/s / server tokens/s", loop["tokens_per_s"]
+                           / phase["output_tokens_per_s"], 1.1, "<="))
     return out
+
+
+def _engine_closed_loop(engine: dict | None, phase: dict) -> dict | None:
+    """The engine-alone closed loop of the same concurrency and adapter case, when one ran."""
+    if not engine or engine.get("error") or engine.get("batch") != phase["concurrency"]:
+        return None
+    loops = engine.get("closed_loop") or {}
+    if not phase["tenants"]:
+        return loops.get("base")
+    return loops.get("adapters") if phase["tenants"] == engine.get("num_adapters") else None
 
 
 def _engine_step(engine: dict | None, phase: dict) -> float | None:

@@ -50,6 +50,8 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path, default_model_dir):
     assert result["copy_bandwidth"]["bytes_per_s"] > 0
     assert result["engine_alone"].get("error") is None, result["engine_alone"].get("error")
     assert result["engine_alone"]["base_step_s"] > 0 and result["engine_alone"]["adapters_step_s"] > 0
+    loops = result["engine_alone"]["closed_loop"]
+    assert loops["output_tokens"] == 4 and loops["base"]["tokens_per_s"] > 0 and loops["adapters"]["tokens_per_s"] > 0
     assert result["first_request"]["ok"] and result["first_request"]["tokens"] == 4
     assert result["first_request"]["ttft_s"] > 0
     assert result["uploads"]["ok"] == 2 and result["uploads"]["errors"] == {}
@@ -67,4 +69,5 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path, default_model_dir):
     assert phases["tenants2@2"]["server"]["distinct_adapters_mean"] > 0  # the adapters were really applied
     assert phases["base@2"]["server"]["distinct_adapters_mean"] == 0
     assert any(t["phase"] == "tenants2@2" and t["name"].startswith("tokens/s") for t in result["targets"])
+    assert any(t["phase"] == "base@2" and t["name"].startswith("engine-alone closed loop") for t in result["targets"])
     assert "tenants2@2" in proc.stdout  # the table
