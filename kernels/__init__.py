@@ -72,13 +72,14 @@ def write_kv(k_cache, v_cache, slot_mapping, k, v):
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, scale,
-                    sliding_window=None, out=None):
-    """Causal attention of each sequence's query tokens over its paged keys/values (Triton on CUDA)."""
+                    sliding_window=None, out=None, prefill_seqs=None):
+    """Causal attention of each sequence's query tokens over its paged keys/values (Triton on CUDA;
+    `prefill_seqs`, the sequences of several query tokens, only narrows the kernel's grid)."""
     if q.is_cuda and _triton_ops() is not None:
         from kernels.triton_attention import paged_attention as triton_attention
 
         return triton_attention(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len,
-                                scale, sliding_window, out)
+                                scale, sliding_window, out, prefill_seqs=prefill_seqs)
     from kernels.attention_reference import paged_attention_reference
 
     return paged_attention_reference(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len,

@@ -113,17 +113,26 @@ def dense_attention(b: Batch, scale: float, window: int | None) -> dict[int, tor
     return rows
 
 
-def check(b: Batch, window: int | None = None, scale: float | None = None) -> None:
-    """Both implementations against the oracle; rows of no sequence must come back NaN."""
+def check(b: Batch, window: int | None = None, scale: float | None = None, prefill_slots: int | None = None) -> None:
+    """Both implementations against the oracle; rows of no sequence must come back NaN. With
+    `prefill_slots`, the Triton kernel is given the list of sequences of several query tokens,
+    -1 padded to that many entries (as a CUDA graph's step buffers hold it)."""
     scale = scale if scale is not None else b.q.shape[2] ** -0.5
     expected = dense_attention(b, scale, window)
     covered = torch.zeros(b.q.shape[0], dtype=torch.bool)
     covered[list(expected)] = True
     want = torch.stack([expected[row] for row in sorted(expected)])  # (covered rows, heads, head_dim)
     rtol, atol = TOLERANCES[b.q.dtype]
+    extra = {}
+    if prefill_slots is not None:
+        lengths = (b.query_starts[1:] - b.query_starts[:-1]).cpu()
+        listed = torch.nonzero(lengths > 1).flatten().tolist()
+        assert len(listed) <= prefill_slots
+        extra["prefill_seqs"] = torch.tensor(listed + [-1] * (prefill_slots - len(listed)), dtype=torch.int32,
+                                             device=DEVICE)
     for name, fn in (("triton", paged_attention), ("reference", paged_attention_reference)):
         out = torch.full(b.q.shape, float("nan"), dtype=b.q.dtype, device=DEVICE)
-        result = fn(*b.args(), scale, window, out)
+        result = fn(*b.args(), scale, window, out, **(extra if name == "triton" else {}))
         assert result is out, name
         out = out.cpu()
         assert bool(out[~covered].isnan().all()), f"{name}: a row of no sequence was written"
@@ -146,16 +155,17 @@ MIXED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("two_launches", [True, False], ids=["decode+prefill launches", "one launch"])
+@pytest.mark.parametrize("launches", ["two, prefill list", "two", "one"])
 @pytest.mark.parametrize("group,head_dim,block_size,dtype,window", MIXED_CASES)
-def test_mixed_prefill_and_decode(group, head_dim, block_size, dtype, window, two_launches, monkeypatch):
+def test_mixed_prefill_and_decode(group, head_dim, block_size, dtype, window, launches, monkeypatch):
     """Decodes, a whole prompt, chunked prefills and padding sequences; leading and trailing rows
     of no sequence; max_query_len an upper bound, not the exact maximum. In one launch, and in
-    two (decode tiles for the one-token sequences, prefill tiles for the others)."""
-    monkeypatch.setattr(triton_attention, "MIXED_TWO_LAUNCHES", two_launches)
+    two (decode tiles for the one-token sequences, prefill tiles for the others), the prefill
+    launch over every sequence or over a padded list of the prompts."""
+    monkeypatch.setattr(triton_attention, "MIXED_TWO_LAUNCHES", launches != "one")
     gen = seeded("mixed", group, head_dim, block_size, dtype, window)
     b = make_batch(MIXED, 2 * group, 2, head_dim, block_size, dtype, gen, lead_rows=1, max_query_len=23)
-    check(b, window)
+    check(b, window, prefill_slots=6 if launches == "two, prefill list" else None)
 
 
 @pytest.mark.parametrize("split", [True, False])

@@ -65,6 +65,18 @@ def test_padding_adds_tokens_that_write_nothing_and_sequences_that_attend_to_not
     assert buffers.device_view("context_lens", 7)[3:].tolist() == [0] * 4
 
 
+def test_fill_lists_the_sequences_of_several_tokens():
+    chunks = [SequenceChunk([5], 3, [0]), SequenceChunk([1, 2, 3], 0, [1]), SequenceChunk([7], 9, [2, 3, 4]),
+              SequenceChunk([4, 4], 6, [5, 6])]
+    buffers = _buffers()
+    buffers.fill(_random_chunks(random.Random(3), 7))  # stale entries from a step with other prompts
+    buffers.fill(chunks)
+    assert buffers.device_view("prefill_seqs", 8).tolist() == [1, 3] + [-1] * 6
+    meta = buffers.attention_meta(7, 4, 3, None, num_prefill_slots=4)
+    assert meta.prefill_seqs.tolist() == [1, 3, -1, -1]
+    assert buffers.attention_meta(4, 4, 1, None).prefill_seqs is None
+
+
 def test_graph_shapes_cover_every_batch_with_the_smallest_padding():
     assert decode_batch_sizes(256)[:6] == [1, 2, 4, 8, 16, 32] and decode_batch_sizes(256)[-1] == 256
     assert decode_batch_sizes(5) == [1, 2, 4, 5]
@@ -100,7 +112,12 @@ def test_a_step_is_padded_to_the_smallest_captured_shape_that_holds_it():
     assert graphs.shape_for(100, 5) == ("mixed", 128) and graphs.shape_for(193, 8) == ("mixed", 256)
     assert graphs.shape_for(300, 8) == ("mixed", 300)
     assert graphs.shape_for(301, 8) is None and graphs.shape_for(9, 9) is None  # eager
+    assert graphs.shape_for(100, 5, num_prefills=16) == ("mixed", 128)
+    assert graphs.shape_for(100, 5, num_prefills=17) is None  # more prompts than the prefill launch lists
     assert graphs.padding("mixed", 128) == (128, 8) and graphs.padding("decode", 4) == (4, 4)
+    wide = StepGraphs(runner, 8)
+    wide.max_seqs = 256  # a mixed shape holds no more sequences than tokens
+    assert wide.padding("mixed", 128) == (128, 128) and wide.padding("mixed", 300) == (300, 256)
 
 
 def test_lora_metadata_refills_only_when_the_slots_change():

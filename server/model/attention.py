@@ -24,6 +24,8 @@ class AttentionMeta:
     block_tables: torch.Tensor  # (B, max_blocks) int32; entries past a sequence's blocks are stale
     max_query_len: int  # most tokens any sequence feeds this step (1: a decode batch)
     sliding_window: int | None = None
+    # indices of the sequences with several query tokens, -1 padded; None: let the kernel look at every sequence
+    prefill_seqs: torch.Tensor | None = None
     # host copies of query_starts / context_lens: the CPU path loops over sequences with them
     host_query_starts: list[int] | None = None
     host_context_lens: list[int] | None = None
@@ -42,7 +44,7 @@ def paged_attention(
         return _decode_attention(q, kv_cache, layer, meta, scale)
     return kernels.paged_attention(
         q, kv_cache.k[layer], kv_cache.v[layer], meta.block_tables, meta.query_starts, meta.context_lens,
-        meta.max_query_len, scale, meta.sliding_window,
+        meta.max_query_len, scale, meta.sliding_window, prefill_seqs=meta.prefill_seqs,
     )
 
 

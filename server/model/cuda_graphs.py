@@ -13,8 +13,8 @@ Two families of shapes:
   batch; a batch is padded to the smallest size that holds it.
 - mixed: prefill chunks beside decodes (in a closed loop about every other step has a new
   prompt), T tokens padded to 128, 192, 256, ... 512, 768, 1024, 1536, then doubling up to the
-  step's token budget, sequences
-  padded to the most running at once, the attention grid sized for a query run of T tokens.
+  step's token budget, sequences padded to min(T, the most running at once), the attention's
+  prefill launch sized for a query run of T tokens in each of MAX_GRAPH_PREFILLS prompt slots.
 Padding tokens write no KV (slot -1) and belong to no sequence; padding sequences have no
 query tokens: neither reaches a real row's result.
 
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 # Mixed steps are padded to the next of these token counts (then doubling): at 100-300 tokens a
 # 7B step turns compute-bound, so padding 192 tokens to 256 would cost ~1 ms.
 MIXED_TOKEN_SIZES = (128, 192, 256, 320, 384, 448, 512, 768, 1024, 1536)
+# Sequences of several query tokens (prompt chunks) a mixed graph's prefill attention launch has
+# programs for (kernels/triton_attention.py, `prefill_seqs`): a grid over every padded sequence
+# was mostly programs that exit at once, 17 waves of them a layer at 72 sequences. The default
+# token budget (2048) holds 16 prompts of 128 tokens; a step with more runs eagerly.
+MAX_GRAPH_PREFILLS = 16
 
 
 def decode_batch_sizes(max_batch_size: int) -> list[int]:
@@ -69,20 +74,24 @@ class StepGraphs:
         self.logits = torch.empty(self.max_seqs, vocab, dtype=torch.float32, device=runner.device)
         self._graphs: dict[tuple[str, int, bool], torch.cuda.CUDAGraph] = {}
 
-    def shape_for(self, num_tokens: int, num_seqs: int) -> tuple[str, int] | None:
-        """("decode", B_pad) or ("mixed", T_pad) for a step, None when no graph holds it."""
+    def shape_for(self, num_tokens: int, num_seqs: int, num_prefills: int = 0) -> tuple[str, int] | None:
+        """("decode", B_pad) or ("mixed", T_pad) for a step, None when no graph holds it (more
+        sequences than captured, or more than MAX_GRAPH_PREFILLS sequences of several tokens)."""
         if num_seqs > self.max_seqs:
             return None
         if num_tokens == num_seqs:
             return "decode", next(b for b in self.decode_sizes if b >= num_seqs)
+        if num_prefills > MAX_GRAPH_PREFILLS:
+            return None
         for size in self.mixed_sizes:
             if size >= num_tokens:
                 return "mixed", size
         return None
 
     def padding(self, kind: str, size: int) -> tuple[int, int]:
-        """(tokens, sequences) a step of this shape is padded to."""
-        return (size, size) if kind == "decode" else (size, self.max_seqs)
+        """(tokens, sequences) a step of this shape is padded to: a step has no more sequences
+        than tokens, so a mixed shape of T tokens needs at most min(T, max_seqs) of them."""
+        return (size, size) if kind == "decode" else (size, min(size, self.max_seqs))
 
     def capture(self) -> None:
         start = time.perf_counter()
@@ -112,7 +121,8 @@ class StepGraphs:
         runner = self.runner
         num_tokens, num_seqs = self.padding(kind, size)
         max_query_len = 1 if kind == "decode" else num_tokens
-        attn = runner.buffers.attention_meta(num_tokens, num_seqs, max_query_len, runner.model.config.sliding_window)
+        attn = runner.buffers.attention_meta(num_tokens, num_seqs, max_query_len, runner.model.config.sliding_window,
+                                             num_prefill_slots=0 if kind == "decode" else MAX_GRAPH_PREFILLS)
         lora = runner.lora_meta if with_lora else None
         logits_indices = None if kind == "decode" else runner.buffers.device_view("logits_indices", num_seqs)
         logits = runner.model(runner.buffers.device_view("input_ids", num_tokens), attn, runner.kv_cache, lora,

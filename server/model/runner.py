@@ -48,14 +48,16 @@ class StepBuffers:
 
     Regions: input_ids, positions, slot_mapping (max_tokens each), logits_indices (max_seqs),
     query_starts (max_seqs + 1), context_lens (max_seqs), pending_dst and pending_src (max_seqs:
-    which input tokens come from which row of the previous step's sampled tokens), block_tables
-    (max_seqs x max_blocks, last, so a step copies only the rows it uses)."""
+    which input tokens come from which row of the previous step's sampled tokens), prefill_seqs
+    (max_seqs: the sequences of several tokens, then -1), block_tables (max_seqs x max_blocks,
+    last, so a step copies only the rows it uses)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, device: torch.device):
         self.max_tokens, self.max_seqs, self.max_blocks, self.block_size = max_tokens, max_seqs, max_blocks, block_size
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
                  "logits_indices": max_seqs, "query_starts": max_seqs + 1, "context_lens": max_seqs,
-                 "pending_dst": max_seqs, "pending_src": max_seqs, "block_tables": max_seqs * max_blocks}
+                 "pending_dst": max_seqs, "pending_src": max_seqs, "prefill_seqs": max_seqs,
+                 "block_tables": max_seqs * max_blocks}
         self._offsets, total = {}, 0
         for name, size in sizes.items():
             self._offsets[name] = (total, size)
@@ -109,6 +111,9 @@ class StepBuffers:
         self.host_view("logits_indices")[:num_seqs] = query_starts[1:] - 1
         self.host_view("query_starts")[: num_seqs + 1] = query_starts
         self.host_view("context_lens")[:num_seqs] = context_lens
+        prefills = np.flatnonzero(counts > 1)
+        self.host_view("prefill_seqs")[:] = -1
+        self.host_view("prefill_seqs")[: len(prefills)] = prefills
         pending = [(int(query_starts[i + 1]) - 1, c.pending_row) for i, c in enumerate(chunks) if c.pending_row >= 0]
         if pending:
             self.host_view("pending_dst")[: len(pending)], self.host_view("pending_src")[: len(pending)] = zip(*pending)
@@ -134,9 +139,12 @@ class StepBuffers:
         self.device_view("input_ids", self.max_tokens).index_put_((dst,), sampled.index_select(0, src).to(torch.int32))
 
     def attention_meta(self, num_tokens: int, num_seqs: int, max_query_len: int, sliding_window: int | None,
-                       host_query_starts: list[int] | None = None, host_context_lens: list[int] | None = None
-                       ) -> AttentionMeta:
+                       host_query_starts: list[int] | None = None, host_context_lens: list[int] | None = None,
+                       num_prefill_slots: int = 0) -> AttentionMeta:
+        """`num_prefill_slots` > 0: the prefill attention runs over that many entries of
+        prefill_seqs (at least the step's sequences of several tokens) instead of every sequence."""
         return AttentionMeta(
+            prefill_seqs=self.device_view("prefill_seqs", num_prefill_slots) if num_prefill_slots else None,
             positions=self.device_view("positions", num_tokens),
             slot_mapping=self.device_view("slot_mapping", num_tokens),
             query_starts=self.device_view("query_starts", num_seqs + 1),
@@ -216,7 +224,8 @@ class ModelRunner:
         num_tokens = len(token_slots)
         has_lora = any(s >= 0 for s in token_slots)
         self._ensure_capacity(num_tokens, num_seqs, max(len(c.block_table) for c in chunks))
-        shape = None if all_logits or self.graphs is None else self.graphs.shape_for(num_tokens, num_seqs)
+        num_prefills = sum(len(c.token_ids) > 1 for c in chunks)
+        shape = None if all_logits or self.graphs is None else self.graphs.shape_for(num_tokens, num_seqs, num_prefills)
         if shape is not None:
             pad_tokens, pad_seqs = self.graphs.padding(*shape)
             _, _, num_pending = self.buffers.fill(chunks, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
@@ -228,7 +237,7 @@ class ModelRunner:
         self._take_pending(num_pending, pending_tokens)
         max_query_len = max(len(c.token_ids) for c in chunks)
         attn = self.buffers.attention_meta(num_tokens, num_seqs, max_query_len, self.model.config.sliding_window,
-                                           query_starts, context_lens)
+                                           query_starts, context_lens, num_prefill_slots=num_prefills)
         lora = None
         if has_lora:
             self.lora_meta.update(token_slots)
