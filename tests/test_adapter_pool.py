@@ -194,3 +194,15 @@ def test_a_plan_is_made_once_per_adapter_and_pool():
     pool.load(1, adapter)
     assert pool.plan(adapter) is plan and len(adapter.plans) == 1
     assert plan.rows.numel() == 2 * 4 * len(adapter.modules)  # rank rows of A and of B^T per module
+
+
+def test_the_pool_knows_which_projections_each_slot_targets():
+    model = _model()
+    pool = AdapterPool(model, max_adapters=3, max_rank=8)
+    pool.load(0, random_adapter(model.config, rank=4, seed=1, modules=("q_proj", "v_proj")))
+    pool.load(1, random_adapter(model.config, rank=4, seed=2, modules=("o_proj", "down_proj")))
+    assert pool.projections_of({0}) == {"qkv_proj"}
+    assert pool.projections_of({0, 1}) == {"qkv_proj", "o_proj", "down_proj"}
+    assert pool.projections_of({2}) == frozenset()
+    pool.clear(1)
+    assert pool.projections_of({0, 1}) == {"qkv_proj"}

@@ -25,14 +25,15 @@ SMALL = dict(
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _engine(dtype, enforce_eager: bool, num_adapters: int, async_scheduling: str = "off") -> Engine:
+def _engine(dtype, enforce_eager: bool, num_adapters: int, async_scheduling: str = "off",
+            modules: tuple[str, ...] = QKVO + ("down_proj",)) -> Engine:
     model = random_model(SMALL, dtype, "cuda", seed=1)
     settings = Settings(device="cuda", max_loras=8, max_lora_rank=16, max_num_seqs=16, num_kv_blocks=256,
                         max_model_len=512, enforce_eager=enforce_eager, async_scheduling=async_scheduling)
     engine = Engine(model, StubTokenizer(), settings)
     for i in range(num_adapters):
         rank = (8, 16)[i % 2]
-        engine.add_adapter(f"a{i}", random_adapter(model.config, rank, QKVO + ("down_proj",), seed=10 + i,
+        engine.add_adapter(f"a{i}", random_adapter(model.config, rank, modules, seed=10 + i,
                                                    device="cuda", dtype=dtype, b_std=0.05))
     return engine
 
@@ -64,6 +65,21 @@ def test_graph_replay_gives_the_eager_tokens(adapters):
     got = [r.token_ids for r in graphs.generate(_requests(adapters))]
     assert got == expected
     assert [r.token_ids for r in pipelined.generate(_requests(adapters))] == expected
+
+
+def test_attention_only_adapters_replay_the_graphs_without_mlp_lora():
+    """Adapters of q/k/v/o only: their batches replay the graphs that skip the MLP's LoRA
+    kernels, and give the eager tokens."""
+    eager = _engine(torch.float32, enforce_eager=True, num_adapters=4, modules=QKVO)
+    graphs = _engine(torch.float32, enforce_eager=False, num_adapters=4, async_scheduling="on", modules=QKVO)
+    assert graphs.pool.projections_of({0, 1}) == {"qkv_proj", "o_proj"}
+    adapters = ["a0", "a1", None, "a2", "a3", "a1"]
+    replayed = []
+    real_replay = graphs.runner.graphs.replay
+    graphs.runner.graphs.replay = lambda kind, size, lora: replayed.append(lora) or real_replay(kind, size, lora)
+    assert [r.token_ids for r in graphs.generate(_requests(adapters))] == \
+        [r.token_ids for r in eager.generate(_requests(adapters))]
+    assert "attention" in replayed and "all" not in replayed
 
 
 def test_runner_on_cuda_matches_the_cpu_through_prefill_and_decode():

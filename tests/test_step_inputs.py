@@ -135,10 +135,13 @@ def test_lora_metadata_refills_only_when_the_slots_change():
     assert [(s, idx.tolist()) for s, idx in meta.groups()] == [(0, [0]), (1, [1, 2])]
 
 
-@pytest.mark.parametrize("with_adapters", [False, True])
-def test_padded_graph_shapes_compute_the_unpadded_logits(with_adapters):
+@pytest.mark.parametrize("adapters", [None, "attention", "all"])
+def test_padded_graph_shapes_compute_the_unpadded_logits(adapters):
     """The forward a captured graph replays, run eagerly on the CPU at the padded shapes (decode
-    and mixed, with and without LoRA kernels): the real rows equal the unpadded step's."""
+    and mixed, without LoRA kernels, with them on the attention projections only for adapters of
+    q and v, and on every projection for adapters that also target down_proj): the real rows
+    equal the unpadded step's; and skipping the MLP's kernels where an adapter targets it shows."""
+    with_adapters = adapters is not None
     from loadtest.random_model import random_adapter, random_model
     from server.lora.pool import AdapterPool
     from server.model.cuda_graphs import StepGraphs
@@ -148,11 +151,13 @@ def test_padded_graph_shapes_compute_the_unpadded_logits(with_adapters):
     shape = dict(architectures=["LlamaForCausalLM"], vocab_size=96, hidden_size=32, intermediate_size=48,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = random_model(shape, torch.float32, "cpu", seed=4)
+    for layer in model.layers:  # MLP activations large enough that a down_proj delta shows in the logits
+        layer.mlp.gate_up_proj.weight.mul_(20)
     c = model.config
     pool = AdapterPool(model, max_adapters=3, max_rank=8)
+    modules = ("q_proj", "v_proj") + (("down_proj",) if adapters == "all" else ())
     for slot in range(3):
-        pool.load(slot, random_adapter(c, 4 + 2 * slot, ("q_proj", "v_proj", "down_proj"), seed=slot,
-                                       dtype=torch.float32, b_std=0.2))
+        pool.load(slot, random_adapter(c, 4 + 2 * slot, modules, seed=slot, dtype=torch.float32, b_std=0.2))
     runner = ModelRunner(model, KVCache(c.num_layers, 32, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, "cpu"),
                          "cpu", max_num_seqs=6, max_num_batched_tokens=256, max_model_len=64)
     graphs = StepGraphs(runner, 6)
@@ -176,8 +181,14 @@ def test_padded_graph_shapes_compute_the_unpadded_logits(with_adapters):
         token_slots = [ch.lora_slot for ch in chunks for _ in ch.token_ids]
         if any(s >= 0 for s in token_slots):
             runner.lora_meta.update(token_slots + [-1] * (pad_tokens - num_tokens))
-        graphs._forward(kind, size, with_lora=any(s >= 0 for s in token_slots))
+        projections = pool.projections_of({s for s in token_slots if s >= 0})
+        variant = graphs.lora_variant(projections) if any(s >= 0 for s in token_slots) else None
+        assert variant == adapters or (adapters == "all" and variant is None)
+        graphs._forward(kind, size, variant)
         torch.testing.assert_close(graphs.logits[: len(chunks)], expected, rtol=1e-5, atol=1e-5)
+        if variant == "all":  # the attention-only graph would drop the down_proj deltas
+            graphs._forward(kind, size, "attention")
+            assert (graphs.logits[: len(chunks)] - expected).abs().max() > 0.01 * expected.abs().max()
 
 
 def test_graph_dummy_inputs_fit_every_captured_shape():

@@ -257,6 +257,7 @@ class Engine:
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits (len(chunks), vocab) at each chunk's last token."""
         pending = self._in_flight.tokens if self._in_flight is not None else None
+        slots = {c.seq.lora_slot for c in chunks if c.seq.lora_slot >= 0}
         return self.runner.run([
             SequenceChunk(
                 token_ids=c.seq.token_slice(c.seq.num_cached_tokens, c.num_tokens),
@@ -266,7 +267,7 @@ class Engine:
                 pending_row=c.seq.pending_row if c.seq.num_pending else -1,
             )
             for c in chunks
-        ], pending_tokens=pending)
+        ], pending_tokens=pending, lora_projections=self.pool.projections_of(slots) if slots else None)
 
     def launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep | None:
         """Queue the forward and the sampling of the chunks; start the copy of the sampled ids

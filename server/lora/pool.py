@@ -65,6 +65,7 @@ class SlotPlan:
     scales: torch.Tensor  # float32 (layers, projections, 3): the slot's scales
     ranks: torch.Tensor  # int32, the same shape: the slot's ranks (0 where not targeted)
     pages: int  # pages the adapter spans (its largest rank over page_rank, rounded up)
+    projections: frozenset  # names of the fused projections it targets in some layer
 
 
 class AdapterPool:
@@ -116,6 +117,7 @@ class AdapterPool:
         # Plans depend on this geometry only; adapters keep theirs under this key.
         self._plan_key = (self.device.type, self._member_rows, self.page_rank, max_rank,
                           tuple((k, len(m)) for k, m in members.items()))
+        self._slot_projections: list[frozenset] = [frozenset()] * num_pages  # what each slot's adapter targets
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self._copy_stream is not None:
             slot_numel = sum(len(m) * max_rank * key[1] for key, m in members.items())
@@ -127,6 +129,10 @@ class AdapterPool:
     def num_slots(self) -> int:
         """Slots the kernels index: one per page (an adapter's slot is its first page)."""
         return self.num_pages
+
+    def projections_of(self, slots) -> frozenset:
+        """Names of the projections that the adapters in these slots target (host-side, no sync)."""
+        return frozenset().union(*(self._slot_projections[s] for s in slots))
 
     def pages_for(self, adapter: LoRAAdapter) -> int:
         """Pages an adapter takes (before rounding up to its block)."""
@@ -173,9 +179,11 @@ class AdapterPool:
                 self._rows[key].index_copy_(0, rows[first : first + n], source_rows)
             self._scales[:, :, slot].copy_(plan.scales, non_blocking=True)
             self._ranks[:, :, slot].copy_(plan.ranks, non_blocking=True)
+            self._slot_projections[slot] = plan.projections
 
     def clear(self, slot: int) -> None:
         """Mark a slot empty (e.g. after a failed load): rank 0 everywhere, so nothing reads its rows."""
+        self._slot_projections[slot] = frozenset()
         with self._side_stream() as wait_for_readers:
             wait_for_readers()
             self._scales[:, :, slot].zero_()
@@ -212,8 +220,10 @@ class AdapterPool:
         ranks.index_put_(index, torch.tensor([m.rank for m in adapter.modules.values()], dtype=torch.int32))
         if self._copy_stream is not None:  # sources of non_blocking copies must be page-locked
             rows, scales, ranks = rows.pin_memory(), scales.pin_memory(), ranks.pin_memory()
+        projection_of = {m: name for name, ms in PROJECTION_SLICES.items() for m in ms}
+        targeted = frozenset(projection_of[module] for _, module in adapter.modules)
         return SlotPlan(sum(g.numel for g in adapter.layout), tuple(groups), rows, scales, ranks,
-                        self.pages_for(adapter))
+                        self.pages_for(adapter), targeted)
 
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[Callable[[], None]]:

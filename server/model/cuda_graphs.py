@@ -18,8 +18,11 @@ Two families of shapes:
 Padding tokens write no KV (slot -1) and belong to no sequence; padding sequences have no
 query tokens: neither reaches a real row's result.
 
-Two graphs per shape: one without LoRA kernels (a batch of base-model tokens only), one with
-them (any mix of slots, -1 for base tokens). The LoRA kernels choose their launch
+Three graphs per shape: one without LoRA kernels (a batch of base-model tokens only), one with
+them on every projection (any mix of slots, -1 for base tokens), and one with them on the
+attention projections only (q/k/v and o), for batches whose adapters target nothing else, the
+most common kind: it skips the MLP's shrink and expand launches, which for such adapters only
+read and rewrite the output (measured half the LoRA launches of a 7B step). The LoRA kernels choose their launch
 configuration from the metadata's host-side hints at capture: decode graphs are captured on
 distinct slots (what decode batches mostly are), mixed graphs on half distinct slots and half
 one long run; other mixes replay correctly, at the captured configuration's speed.
@@ -33,6 +36,8 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+
+from server.model.llama import ATTENTION_PROJECTIONS
 
 if TYPE_CHECKING:
     from server.model.runner import ModelRunner
@@ -72,7 +77,7 @@ class StepGraphs:
         self.num_lora_slots = runner.num_lora_slots
         vocab = runner.model.config.vocab_size
         self.logits = torch.empty(self.max_seqs, vocab, dtype=torch.float32, device=runner.device)
-        self._graphs: dict[tuple[str, int, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[str, int, str | None], torch.cuda.CUDAGraph] = {}
 
     def shape_for(self, num_tokens: int, num_seqs: int, num_prefills: int = 0) -> tuple[str, int] | None:
         """("decode", B_pad) or ("mixed", T_pad) for a step, None when no graph holds it (more
@@ -96,29 +101,37 @@ class StepGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         pool = None
-        variants = (False, True) if self.num_lora_slots else (False,)
+        variants = (None, "attention", "all") if self.num_lora_slots else (None,)
         shapes = [("mixed", t) for t in reversed(self.mixed_sizes)] + [("decode", b) for b in reversed(self.decode_sizes)]
         for kind, size in shapes:
-            for with_lora in variants:
-                self._write_dummy_inputs(kind, size, with_lora)
-                self._forward(kind, size, with_lora)  # eager first: Triton compiles, cuBLAS picks its kernels
+            for lora in variants:
+                self._write_dummy_inputs(kind, size, lora is not None)
+                self._forward(kind, size, lora)  # eager first: Triton compiles, cuBLAS picks its kernels
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._forward(kind, size, with_lora)
+                    self._forward(kind, size, lora)
                 pool = graph.pool() if pool is None else pool
-                self._graphs[(kind, size, with_lora)] = graph
+                self._graphs[(kind, size, lora)] = graph
         torch.cuda.synchronize()
         log.info("captured %d step graphs (decode batch sizes %s, mixed token sizes %s) in %.1f s",
                  len(self._graphs), self.decode_sizes, self.mixed_sizes, time.perf_counter() - start)
 
-    def replay(self, kind: str, size: int, with_lora: bool) -> torch.Tensor:
-        """Run the captured forward over the inputs the runner just wrote; logits (sequences, vocab)."""
-        self._graphs[(kind, size, with_lora)].replay()
+    @staticmethod
+    def lora_variant(projections: frozenset | None) -> str:
+        """The LoRA graph for a batch whose adapters target `projections` (None: any)."""
+        return "attention" if projections is not None and projections <= ATTENTION_PROJECTIONS else "all"
+
+    def replay(self, kind: str, size: int, lora: str | None) -> torch.Tensor:
+        """Run the captured forward over the inputs the runner just wrote; logits (sequences, vocab).
+        `lora`: None (no adapter in the batch), "attention" or "all" (see `lora_variant`)."""
+        self._graphs[(kind, size, lora)].replay()
         return self.logits[: self.padding(kind, size)[1]]
 
-    def _forward(self, kind: str, size: int, with_lora: bool) -> None:
+    def _forward(self, kind: str, size: int, lora_variant: str | None) -> None:
         runner = self.runner
+        with_lora = lora_variant is not None
+        runner.lora_meta.projections = ATTENTION_PROJECTIONS if lora_variant == "attention" else None
         num_tokens, num_seqs = self.padding(kind, size)
         max_query_len = 1 if kind == "decode" else num_tokens
         attn = runner.buffers.attention_meta(num_tokens, num_seqs, max_query_len, runner.model.config.sliding_window,

@@ -33,11 +33,18 @@ class LoRASlots:
     slot_ranks: torch.Tensor  # (num_slots, n_slices) int32: each slot's true rank, 0 = slice not targeted
 
 
-class Projection(nn.Module):
-    """A (fused) linear: `x W^T (+ b)` for the whole batch, then each token's own LoRA delta."""
+# Projections an adapter of q/k/v/o modules touches: a batch whose adapters touch nothing else
+# runs no LoRA kernels on the MLP (LoRABatchMeta.projections; its graphs are captured so)
+ATTENTION_PROJECTIONS = frozenset({"qkv_proj", "o_proj"})
 
-    def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool):
+
+class Projection(nn.Module):
+    """A (fused) linear: `x W^T (+ b)` for the whole batch, then each token's own LoRA delta,
+    unless the step's metadata says no adapter in the batch targets this projection."""
+
+    def __init__(self, name: str, in_features: int, out_sizes: tuple[int, ...], bias: bool):
         super().__init__()
+        self.name = name
         self.out_sizes = out_sizes
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
@@ -45,7 +52,8 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora is not None and lora_meta is not None and lora_meta.has_lora:
+        if (self.lora is not None and lora_meta is not None and lora_meta.has_lora
+                and (lora_meta.projections is None or self.name in lora_meta.projections)):
             lora = self.lora
             kernels.lora_apply(y, x, lora.lora_a, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
         return y
@@ -71,8 +79,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
-        self.qkv_proj = Projection(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
-        self.o_proj = Projection(cfg.q_size, (cfg.hidden_size,), cfg.o_bias)
+        self.qkv_proj = Projection("qkv_proj", cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
+        self.o_proj = Projection("o_proj", cfg.q_size, (cfg.hidden_size,), cfg.o_bias)
 
     def forward(self, x, rope: RotaryEmbedding, kv_cache: KVCache, attn: AttentionMeta, lora: LoRABatchMeta | None):
         T = x.shape[0]
@@ -88,8 +96,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = Projection(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias)
-        self.down_proj = Projection(cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias)
+        self.gate_up_proj = Projection("gate_up_proj", cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias)
+        self.down_proj = Projection("down_proj", cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias)
 
     def forward(self, x, lora: LoRABatchMeta | None):
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, lora)), lora)  # (T, 2I) -> (T, I)

@@ -211,10 +211,12 @@ class ModelRunner:
         self.graphs.capture()
 
     def run(self, chunks: list[SequenceChunk], all_logits: bool = False,
-            pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
+            pending_tokens: torch.Tensor | None = None, lora_projections: frozenset | None = None) -> torch.Tensor:
         """Logits (B, vocab) fp32 at each chunk's last token; with all_logits, (T, vocab).
         `pending_tokens`: the previous step's sampled ids on the device, where chunks' last
-        tokens are still pending (SequenceChunk.pending_row)."""
+        tokens are still pending (SequenceChunk.pending_row). `lora_projections`: the names of
+        the projections the chunks' adapters target (None: any); the others skip their LoRA
+        kernels."""
         for c in chunks:
             end = c.start_position + len(c.token_ids)
             if end > len(c.block_table) * self.block_size:
@@ -230,9 +232,11 @@ class ModelRunner:
             pad_tokens, pad_seqs = self.graphs.padding(*shape)
             _, _, num_pending = self.buffers.fill(chunks, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
             self._take_pending(num_pending, pending_tokens)
+            lora = None
             if has_lora:
                 self.lora_meta.update(token_slots + [-1] * (pad_tokens - num_tokens))
-            return self.graphs.replay(*shape, has_lora)[:num_seqs]
+                lora = self.graphs.lora_variant(lora_projections)
+            return self.graphs.replay(*shape, lora)[:num_seqs]
         query_starts, context_lens, num_pending = self.buffers.fill(chunks)
         self._take_pending(num_pending, pending_tokens)
         max_query_len = max(len(c.token_ids) for c in chunks)
@@ -241,6 +245,7 @@ class ModelRunner:
         lora = None
         if has_lora:
             self.lora_meta.update(token_slots)
+            self.lora_meta.projections = lora_projections
             lora = self.lora_meta
         logits_indices = None if all_logits else self.buffers.device_view("logits_indices", num_seqs)
         return self.model(self.buffers.device_view("input_ids", num_tokens), attn, self.kv_cache, lora, logits_indices)
