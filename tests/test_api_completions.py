@@ -382,3 +382,23 @@ def test_metrics_parse_and_move_with_traffic(server, http, uploaded, base_name):
                and dict(labels)["result"] == "stored"]
     assert uploads and uploads[0] >= 2
     assert after[("loraplex_adapter_loads_total", (("source", "disk"),))] >= 1
+
+
+@pytest.mark.parametrize("usage_in_stream", [False, True])
+def test_streamed_text_chunks_from_the_template_equal_the_encoded_chunks(usage_in_stream):
+    """The per-stream template of a text delta gives, byte for byte, the SSE line that encoding
+    the whole chunk gives, for texts that JSON must escape."""
+    from types import SimpleNamespace
+
+    from server.api.formats import ChatFormat, TextCompletionFormat
+    from server.api.routers.completions import _data, _text_template
+
+    texts = ["Paris", ' "quoted" \\ back', "line\nbreak\ttab", "\x00\x1f ctl", "é ü 中文 🙂", "\ud800 lone", "</script>"]
+    for fmt in (TextCompletionFormat(), ChatFormat()):
+        run = SimpleNamespace(fmt=fmt, id="cmpl-x1", created=1700000000, model_name="base \"m\"",
+                              usage_in_stream=usage_in_stream)
+        for index in (0, 2):
+            head, tail = _text_template(run, index)
+            for text in texts:
+                (chunk,) = fmt.chunks(run, index, text, None)
+                assert head + json.dumps(text) + tail == _data(chunk)

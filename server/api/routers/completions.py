@@ -310,10 +310,15 @@ async def _sse(run: _Run, first: tuple[int, StreamEvent], events: AsyncIterator[
     fmt = run.fmt
     completion_tokens = 0
     try:
+        templates = [_text_template(run, index) for index in range(len(run.choices))]
         for index in range(len(run.choices)):
             for chunk in fmt.opening_chunks(run, index):
                 yield _data(chunk)
         async for index, event in _prepend(first, events):
+            if event.finish_reason is None and event.text and templates[index] is not None:
+                head, tail = templates[index]  # the common event: only the text changes
+                yield head + json.dumps(event.text) + tail
+                continue
             if event.finish_reason in ("error", "abort"):
                 yield _data(_stream_error(event))
                 continue
@@ -347,3 +352,17 @@ def _stream_error(event: StreamEvent) -> dict:
 
 def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+_TEXT_MARK = "\x00text\x00"  # JSON-escaped to a string no real chunk carries
+
+
+def _text_template(run: _Run, index: int) -> tuple[str, str] | None:
+    """The SSE line of a text delta of choice `index` cut around its text, so a stream encodes
+    its chunk once and then each token's text alone (the stream's per-token CPU is what the
+    engine shares its interpreter with); None where the format makes no single such chunk."""
+    chunks = run.fmt.chunks(run, index, _TEXT_MARK, None)
+    if len(chunks) != 1:
+        return None
+    head, mark, tail = _data(chunks[0]).partition(json.dumps(_TEXT_MARK))
+    return (head, tail) if mark else None
