@@ -91,10 +91,12 @@ class StandInService:
     """What the completions router asks of server.service.Service, for the stand-in engine."""
 
     def __init__(self, engine: StandInEngine):
+        from server.admission import Admission, AdmissionLimits
         from server.engine.loop import EngineLoop
 
         self.loop = EngineLoop(engine)
         self.model = SimpleNamespace(name="stand-in")
+        self.admission = Admission(AdmissionLimits())  # no bounds: the bench measures the HTTP side
 
     def is_ready(self) -> bool:
         return self.loop.is_alive

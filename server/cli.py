@@ -73,6 +73,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: derived)")
     p.add_argument("--host-cache-bytes", type=int, help="host RAM for the adapter cache")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter upload")
+    p.add_argument("--max-queued-requests", type=int,
+                   help="generations waiting for the engine, server-wide, beyond which requests get 429 (default 1024; 0: no bound)")
+    p.add_argument("--max-queued-requests-per-tenant", type=int,
+                   help="the same bound for one tenant (default 256; 0: no bound)")
+    p.add_argument("--max-requests-per-tenant", type=int,
+                   help="queued and running generations of one tenant (default 0: no bound)")
     p.add_argument("--enforce-eager", action="store_const", const=True,
                    help="run decode steps without CUDA graphs (debugging; graphs are captured at start-up on the GPU)")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"],
@@ -83,7 +89,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
 SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapter_store", "api_keys_file",
                   "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
-                  "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling")
+                  "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
+                  "max_queued_requests_per_tenant", "max_requests_per_tenant")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:

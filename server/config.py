@@ -81,6 +81,11 @@ class Settings:
     # LORAPLEX_HOST_CACHE_BYTES: host RAM tier of the adapter cache; default HOST_CACHE_FRACTION of the
     # memory available when the settings are made (see default_host_cache_bytes)
     host_cache_bytes: int = field(default_factory=lambda: default_host_cache_bytes())
+    # Admission (server/admission.py): generations waiting for their first token, beyond which a
+    # request gets 429 with Retry-After at once; 0 = no bound
+    max_queued_requests: int = 1024  # LORAPLEX_MAX_QUEUED_REQUESTS: server-wide
+    max_queued_requests_per_tenant: int = 256  # LORAPLEX_MAX_QUEUED_REQUESTS_PER_TENANT: one tenant's share
+    max_requests_per_tenant: int = 0  # LORAPLEX_MAX_REQUESTS_PER_TENANT: one tenant's queued + running
     max_upload_bytes: int = 1 << 30  # LORAPLEX_MAX_UPLOAD_BYTES: one adapter upload (both files)
     max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
@@ -125,6 +130,9 @@ class Settings:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
+        if min(self.max_queued_requests, self.max_queued_requests_per_tenant, self.max_requests_per_tenant) < 0:
+            raise ValueError("max_queued_requests, max_queued_requests_per_tenant and max_requests_per_tenant "
+                             "must be >= 0 (0 = no bound)")
         if self.host_cache_bytes < 0 or self.max_upload_bytes < 1 or self.max_concurrent_uploads < 1:
             raise ValueError("host_cache_bytes must be >= 0, max_upload_bytes and max_concurrent_uploads >= 1")
         for name in ("gateway_queue_metric", "gateway_kv_usage_metric", "gateway_lora_info_metric"):

@@ -94,6 +94,9 @@ class Metrics:
         self.step_tokens = Histogram(
             "loraplex_engine_step_batched_tokens", "Tokens fed in one step (prefill chunks and decodes)",
             buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
+        self.rejected_requests = Counter(
+            "loraplex_requests_rejected", "Requests refused with 429 by admission control, by the bound reached "
+            "(queue_full, tenant_queue_full, tenant_concurrency)", ["reason"], registry=registry)
         self.adapter_uploads = Counter(
             "loraplex_adapter_uploads", "Adapter uploads by result (stored, invalid_customer_id, invalid_adapter, "
             "too_large, bad_request, error)", ["result"], registry=registry)
@@ -104,6 +107,9 @@ class Metrics:
     # --- HTTP layer
     def count_http(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(endpoint, f"{status // 100}xx").inc()
+
+    def count_rejected(self, reason: str) -> None:
+        self.rejected_requests.labels(reason).inc()
 
     def count_upload(self, result: str) -> None:
         self.adapter_uploads.labels(result).inc()

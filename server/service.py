@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
+from server.admission import Admission, AdmissionLimits
 from server.config import Settings
 from server.engine.engine import Engine, resolve_device_dtype
 from server.engine.loop import EngineLoop, StreamEvent
@@ -88,6 +89,8 @@ class Service:
         self.settings, self.engine, self.store, self.cache, self.model = settings, engine, store, cache, model
         self.model_config: ModelConfig = engine.model.config
         self.loop = EngineLoop(engine)
+        self.admission = Admission(AdmissionLimits(settings.max_queued_requests, settings.max_queued_requests_per_tenant,
+                                                   settings.max_requests_per_tenant))
         self._in_flight: Counter[AdapterKey] = Counter()
         self._lock = threading.Lock()  # orders version resolution against retirement of versions
 

@@ -71,6 +71,13 @@ class PayloadTooLarge(APIError):
     status_code, default_code = 413, "payload_too_large"
 
 
+class TooManyRequests(APIError):
+    status_code, default_code = 429, "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int, **kwargs):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, **kwargs)
+
+
 class ServiceUnavailable(APIError):
     status_code, default_code = 503, "service_unavailable"
 

@@ -23,7 +23,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import CUSTOMER_HEADER, Tenant, get_service, get_tenant, select_customer
-from server.api.errors import APIError, BadRequest, InternalError, NotFound, ServiceUnavailable, error_body
+from server.admission import Overloaded, Ticket
+from server.api.errors import (APIError, BadRequest, InternalError, NotFound, ServiceUnavailable, TooManyRequests,
+                               error_body)
 from server.api.formats import ChatFormat, ResponseFormat, TextCompletionFormat
 from server.api.schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, GenerationFields
 from server.engine.loop import StreamEvent
@@ -141,8 +143,17 @@ async def _serve(http: Request, tenant: Tenant, customer: str | None, service: S
         except (AdapterNotFound, InvalidCustomerId):
             source = CUSTOMER_HEADER if customer == tenant.customer_id else "model"
             raise _unknown_customer(customer, source) from None
-    run = _Run(service, http.app.state.metrics, key, choices, fmt, customer or service.model.name,
-               usage_in_stream=bool(body.stream_options and body.stream_options.include_usage), arrived_at=arrived_at)
+    metrics = http.app.state.metrics
+    try:
+        ticket = service.admission.admit(tenant.customer_id or customer or "", len(choices))
+    except Overloaded as e:
+        if key is not None:
+            service.release_adapter(key)
+        metrics.count_rejected(e.reason)
+        raise TooManyRequests(str(e), e.retry_after_s, code=e.reason) from None
+    run = _Run(service, metrics, key, choices, fmt, customer or service.model.name,
+               usage_in_stream=bool(body.stream_options and body.stream_options.include_usage), arrived_at=arrived_at,
+               ticket=ticket)
     try:
         if body.stream:
             return await _stream_response(run)
@@ -184,6 +195,7 @@ class _Run:
     model_name: str
     usage_in_stream: bool = False
     arrived_at: float = field(default_factory=time.monotonic)
+    ticket: Ticket | None = None  # admission: queued until the first event, counted until release
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     _released: bool = False
@@ -192,6 +204,8 @@ class _Run:
         self.id = f"{self.fmt.id_prefix}-{uuid.uuid4().hex}"
 
     def release(self) -> None:
+        if self.ticket is not None:
+            self.ticket.close()
         if self.key is not None and not self._released:
             self._released = True
             self.service.release_adapter(self.key)
@@ -202,6 +216,8 @@ class _Run:
         try:
             async with aclosing(_merge(streams)) as merged:
                 async for index, event in merged:
+                    if self.ticket is not None:
+                        self.ticket.started()  # its prompt went through: no longer queued
                     observations[index].on_tokens(len(event.token_ids))
                     if event.finish_reason is not None:
                         observations[index].on_finish(event.finish_reason, event.prompt_tokens,

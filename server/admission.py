@@ -1,0 +1,107 @@
+"""Admission control: bounds on the generations waiting for the engine, server-wide and per tenant.
+
+A generation (one choice of a request) is *queued* from its admission until its request's first
+event (its prompt went through the engine) and *in flight* until its stream ends. Past a bound a
+request is refused at once, so that the API answers 429 with a Retry-After in milliseconds instead
+of leaving the client behind a queue it cannot get through in time:
+
+- `max_queued`: queued generations server-wide (the contract's `--max-queued-requests`);
+- `max_queued_per_tenant`: queued generations of one tenant, so that a tenant flooding the
+  server fills its own share of the queue and not everyone's (the scheduler then serves the
+  admitted tenants round-robin);
+- `max_in_flight_per_tenant`: queued or running generations of one tenant.
+
+0 turns a bound off. Tenants are the API's callers: a customer id, or "" for the base model's
+callers without one. Plain Python with a lock (handlers run on the event loop, but a dropped
+stream may be finalised elsewhere); no engine state is read, so admission never waits.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+RETRY_AFTER_S = 1  # what a refused client is told: the queue moves by many requests a second
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_queued: int = 0
+    max_queued_per_tenant: int = 0
+    max_in_flight_per_tenant: int = 0
+
+
+class Overloaded(Exception):
+    """A bound is reached; `reason` names which (a metric label), `retry_after_s` what to tell the client."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class Admission:
+    def __init__(self, limits: AdmissionLimits):
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._queued_by_tenant: Counter[str] = Counter()
+        self._in_flight_by_tenant: Counter[str] = Counter()
+
+    @property
+    def num_queued(self) -> int:
+        return self._queued
+
+    def admit(self, tenant: str, generations: int) -> "Ticket":
+        """Count a request of `generations` choices in, or raise Overloaded (nothing counted)."""
+        limits = self.limits
+        with self._lock:
+            if limits.max_queued and self._queued + generations > limits.max_queued:
+                raise Overloaded(f"the server has {self._queued} generations queued (at most {limits.max_queued}); "
+                                 "retry later", "queue_full")
+            queued = self._queued_by_tenant[tenant]
+            if limits.max_queued_per_tenant and queued + generations > limits.max_queued_per_tenant:
+                raise Overloaded(f"this tenant has {queued} generations queued (at most "
+                                 f"{limits.max_queued_per_tenant}); retry later", "tenant_queue_full")
+            in_flight = self._in_flight_by_tenant[tenant]
+            if limits.max_in_flight_per_tenant and in_flight + generations > limits.max_in_flight_per_tenant:
+                raise Overloaded(f"this tenant has {in_flight} generations in flight (at most "
+                                 f"{limits.max_in_flight_per_tenant}); retry later", "tenant_concurrency")
+            self._queued += generations
+            self._queued_by_tenant[tenant] += generations
+            self._in_flight_by_tenant[tenant] += generations
+        return Ticket(self, tenant, generations)
+
+    def _release(self, tenant: str, generations: int, queued: bool, in_flight: bool) -> None:
+        with self._lock:
+            if queued:
+                self._queued -= generations
+                _decrement(self._queued_by_tenant, tenant, generations)
+            if in_flight:
+                _decrement(self._in_flight_by_tenant, tenant, generations)
+
+
+class Ticket:
+    """One admitted request: `started()` at its first event, `close()` when it ends (both idempotent)."""
+
+    def __init__(self, admission: Admission, tenant: str, generations: int):
+        self._admission, self.tenant, self.generations = admission, tenant, generations
+        self._queued = self._open = True
+
+    def started(self) -> None:
+        if self._queued:
+            self._queued = False
+            self._admission._release(self.tenant, self.generations, queued=True, in_flight=False)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._admission._release(self.tenant, self.generations, queued=self._queued, in_flight=True)
+            self._queued = False
+
+
+def _decrement(counter: Counter, key: str, n: int) -> None:
+    counter[key] -= n
+    if counter[key] <= 0:
+        del counter[key]  # idle tenants leave no entries behind
