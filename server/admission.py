@@ -9,7 +9,9 @@ of leaving the client behind a queue it cannot get through in time:
 - `max_queued_per_tenant`: queued generations of one tenant, so that a tenant flooding the
   server fills its own share of the queue and not everyone's (the scheduler then serves the
   admitted tenants round-robin);
-- `max_in_flight_per_tenant`: queued or running generations of one tenant.
+- `max_in_flight_per_tenant`: queued or running generations of one tenant;
+- `max_queued_tokens`, `max_queued_tokens_per_tenant`: the prompt tokens of the queued
+  generations (what the engine must prefill before they start), server-wide and per tenant.
 
 0 turns a bound off. Tenants are the API's callers: a customer id, or "" for the base model's
 callers without one. Plain Python with a lock (handlers run on the event loop, but a dropped
@@ -30,6 +32,8 @@ class AdmissionLimits:
     max_queued: int = 0
     max_queued_per_tenant: int = 0
     max_in_flight_per_tenant: int = 0
+    max_queued_tokens: int = 0
+    max_queued_tokens_per_tenant: int = 0
 
 
 class Overloaded(Exception):
@@ -45,18 +49,27 @@ class Admission:
     def __init__(self, limits: AdmissionLimits):
         self.limits = limits
         self._lock = threading.Lock()
-        self._queued = 0
+        self._queued = self._queued_tokens = 0
         self._queued_by_tenant: Counter[str] = Counter()
+        self._queued_tokens_by_tenant: Counter[str] = Counter()
         self._in_flight_by_tenant: Counter[str] = Counter()
 
     @property
     def num_queued(self) -> int:
         return self._queued
 
-    def admit(self, tenant: str, generations: int) -> "Ticket":
-        """Count a request of `generations` choices in, or raise Overloaded (nothing counted)."""
+    def admit(self, tenant: str, generations: int, prompt_tokens: int = 0) -> "Ticket":
+        """Count a request of `generations` choices and `prompt_tokens` (all choices together)
+        in, or raise Overloaded (nothing counted)."""
         limits = self.limits
         with self._lock:
+            if limits.max_queued_tokens and self._queued_tokens + prompt_tokens > limits.max_queued_tokens:
+                raise Overloaded(f"the server has {self._queued_tokens} prompt tokens queued (at most "
+                                 f"{limits.max_queued_tokens}); retry later", "queued_tokens")
+            tokens = self._queued_tokens_by_tenant[tenant]
+            if limits.max_queued_tokens_per_tenant and tokens + prompt_tokens > limits.max_queued_tokens_per_tenant:
+                raise Overloaded(f"this tenant has {tokens} prompt tokens queued (at most "
+                                 f"{limits.max_queued_tokens_per_tenant}); retry later", "tenant_queued_tokens")
             if limits.max_queued and self._queued + generations > limits.max_queued:
                 raise Overloaded(f"the server has {self._queued} generations queued (at most {limits.max_queued}); "
                                  "retry later", "queue_full")
@@ -69,15 +82,20 @@ class Admission:
                 raise Overloaded(f"this tenant has {in_flight} generations in flight (at most "
                                  f"{limits.max_in_flight_per_tenant}); retry later", "tenant_concurrency")
             self._queued += generations
+            self._queued_tokens += prompt_tokens
             self._queued_by_tenant[tenant] += generations
+            self._queued_tokens_by_tenant[tenant] += prompt_tokens
             self._in_flight_by_tenant[tenant] += generations
-        return Ticket(self, tenant, generations)
+        return Ticket(self, tenant, generations, prompt_tokens)
 
-    def _release(self, tenant: str, generations: int, queued: bool, in_flight: bool) -> None:
+    def _release(self, ticket: "Ticket", queued: bool, in_flight: bool) -> None:
+        tenant, generations = ticket.tenant, ticket.generations
         with self._lock:
             if queued:
                 self._queued -= generations
+                self._queued_tokens -= ticket.prompt_tokens
                 _decrement(self._queued_by_tenant, tenant, generations)
+                _decrement(self._queued_tokens_by_tenant, tenant, ticket.prompt_tokens)
             if in_flight:
                 _decrement(self._in_flight_by_tenant, tenant, generations)
 
@@ -85,19 +103,19 @@ class Admission:
 class Ticket:
     """One admitted request: `started()` at its first event, `close()` when it ends (both idempotent)."""
 
-    def __init__(self, admission: Admission, tenant: str, generations: int):
-        self._admission, self.tenant, self.generations = admission, tenant, generations
+    def __init__(self, admission: Admission, tenant: str, generations: int, prompt_tokens: int):
+        self._admission, self.tenant, self.generations, self.prompt_tokens = admission, tenant, generations, prompt_tokens
         self._queued = self._open = True
 
     def started(self) -> None:
         if self._queued:
             self._queued = False
-            self._admission._release(self.tenant, self.generations, queued=True, in_flight=False)
+            self._admission._release(self, queued=True, in_flight=False)
 
     def close(self) -> None:
         if self._open:
             self._open = False
-            self._admission._release(self.tenant, self.generations, queued=self._queued, in_flight=True)
+            self._admission._release(self, queued=self._queued, in_flight=True)
             self._queued = False
 
 

@@ -79,6 +79,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="the same bound for one tenant (default 256; 0: no bound)")
     p.add_argument("--max-requests-per-tenant", type=int,
                    help="queued and running generations of one tenant (default 0: no bound)")
+    p.add_argument("--max-queued-tokens", type=int,
+                   help="prompt tokens of the queued generations, server-wide (default 1048576; 0: no bound)")
+    p.add_argument("--max-queued-tokens-per-tenant", type=int,
+                   help="the same bound for one tenant (default 262144; 0: no bound)")
     p.add_argument("--enforce-eager", action="store_const", const=True,
                    help="run decode steps without CUDA graphs (debugging; graphs are captured at start-up on the GPU)")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"],
@@ -90,7 +94,8 @@ SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapt
                   "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
-                  "max_queued_requests_per_tenant", "max_requests_per_tenant")
+                  "max_queued_requests_per_tenant", "max_requests_per_tenant", "max_queued_tokens",
+                  "max_queued_tokens_per_tenant")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:

@@ -86,6 +86,8 @@ class Settings:
     max_queued_requests: int = 1024  # LORAPLEX_MAX_QUEUED_REQUESTS: server-wide
     max_queued_requests_per_tenant: int = 256  # LORAPLEX_MAX_QUEUED_REQUESTS_PER_TENANT: one tenant's share
     max_requests_per_tenant: int = 0  # LORAPLEX_MAX_REQUESTS_PER_TENANT: one tenant's queued + running
+    max_queued_tokens: int = 1 << 20  # LORAPLEX_MAX_QUEUED_TOKENS: prompt tokens of the queued generations
+    max_queued_tokens_per_tenant: int = 1 << 18  # LORAPLEX_MAX_QUEUED_TOKENS_PER_TENANT
     max_upload_bytes: int = 1 << 30  # LORAPLEX_MAX_UPLOAD_BYTES: one adapter upload (both files)
     max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
@@ -130,9 +132,10 @@ class Settings:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
-        if min(self.max_queued_requests, self.max_queued_requests_per_tenant, self.max_requests_per_tenant) < 0:
-            raise ValueError("max_queued_requests, max_queued_requests_per_tenant and max_requests_per_tenant "
-                             "must be >= 0 (0 = no bound)")
+        if min(self.max_queued_requests, self.max_queued_requests_per_tenant, self.max_requests_per_tenant,
+               self.max_queued_tokens, self.max_queued_tokens_per_tenant) < 0:
+            raise ValueError("the admission bounds (max_queued_requests[_per_tenant], max_requests_per_tenant, "
+                             "max_queued_tokens[_per_tenant]) must be >= 0 (0 = no bound)")
         if self.host_cache_bytes < 0 or self.max_upload_bytes < 1 or self.max_concurrent_uploads < 1:
             raise ValueError("host_cache_bytes must be >= 0, max_upload_bytes and max_concurrent_uploads >= 1")
         for name in ("gateway_queue_metric", "gateway_kv_usage_metric", "gateway_lora_info_metric"):

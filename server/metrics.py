@@ -96,7 +96,7 @@ class Metrics:
             buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
         self.rejected_requests = Counter(
             "loraplex_requests_rejected", "Requests refused with 429 by admission control, by the bound reached "
-            "(queue_full, tenant_queue_full, tenant_concurrency)", ["reason"], registry=registry)
+            "(queue_full, tenant_queue_full, tenant_concurrency, queued_tokens, tenant_queued_tokens)", ["reason"], registry=registry)
         self.adapter_uploads = Counter(
             "loraplex_adapter_uploads", "Adapter uploads by result (stored, invalid_customer_id, invalid_adapter, "
             "too_large, bad_request, error)", ["result"], registry=registry)

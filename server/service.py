@@ -89,8 +89,9 @@ class Service:
         self.settings, self.engine, self.store, self.cache, self.model = settings, engine, store, cache, model
         self.model_config: ModelConfig = engine.model.config
         self.loop = EngineLoop(engine)
-        self.admission = Admission(AdmissionLimits(settings.max_queued_requests, settings.max_queued_requests_per_tenant,
-                                                   settings.max_requests_per_tenant))
+        self.admission = Admission(AdmissionLimits(
+            settings.max_queued_requests, settings.max_queued_requests_per_tenant, settings.max_requests_per_tenant,
+            settings.max_queued_tokens, settings.max_queued_tokens_per_tenant))
         self._in_flight: Counter[AdapterKey] = Counter()
         self._lock = threading.Lock()  # orders version resolution against retirement of versions
 

@@ -41,6 +41,23 @@ def test_bounds_count_generations_and_a_refusal_counts_nothing():
     assert not admission._queued_by_tenant and not admission._in_flight_by_tenant  # no entries left behind
 
 
+def test_queued_prompt_tokens_are_bounded_too():
+    admission = Admission(AdmissionLimits(max_queued_tokens=1000, max_queued_tokens_per_tenant=600))
+    a = admission.admit("a", 1, prompt_tokens=500)
+    with pytest.raises(Overloaded) as refused:
+        admission.admit("a", 1, prompt_tokens=200)  # 700 of tenant a's > 600
+    assert refused.value.reason == "tenant_queued_tokens"
+    b = admission.admit("b", 2, prompt_tokens=450)
+    with pytest.raises(Overloaded) as refused:
+        admission.admit("c", 1, prompt_tokens=100)  # 1050 > 1000 server-wide
+    assert refused.value.reason == "queued_tokens"
+    a.started()  # prefilled: its tokens no longer wait
+    c = admission.admit("c", 1, prompt_tokens=500)
+    for ticket in (a, b, c):
+        ticket.close()
+    assert admission._queued_tokens == 0 and not admission._queued_tokens_by_tenant
+
+
 def test_zero_means_no_bound():
     admission = Admission(AdmissionLimits())
     tickets = [admission.admit("a", 100) for _ in range(50)]
@@ -116,3 +133,15 @@ def test_a_full_queue_answers_429_at_once_and_the_queued_requests_still_finish(s
         assert client.post("/v1/completions", json=body).status_code == 200  # room again
         metrics = client.get("/metrics").text
         assert 'loraplex_requests_rejected_total{reason="queue_full"} 2.0' in metrics
+
+
+def test_the_bounds_come_from_flags_and_the_environment(monkeypatch):
+    from server.cli import build_parser, serve_settings
+
+    monkeypatch.setenv("LORAPLEX_MAX_QUEUED_REQUESTS_PER_TENANT", "9")
+    settings = serve_settings(build_parser().parse_args(["serve", "--max-queued-requests", "7",
+                                                         "--max-queued-tokens-per-tenant", "0"]))
+    assert (settings.max_queued_requests, settings.max_queued_requests_per_tenant) == (7, 9)
+    assert (settings.max_queued_tokens_per_tenant, settings.max_requests_per_tenant) == (0, 0)
+    with pytest.raises(ValueError, match="admission bounds"):
+        Settings(max_queued_requests=-1).validate()

@@ -145,7 +145,8 @@ async def _serve(http: Request, tenant: Tenant, customer: str | None, service: S
             raise _unknown_customer(customer, source) from None
     metrics = http.app.state.metrics
     try:
-        ticket = service.admission.admit(tenant.customer_id or customer or "", len(choices))
+        ticket = service.admission.admit(tenant.customer_id or customer or "", len(choices),
+                                         sum(len(request.prompt) for _, request in choices))
     except Overloaded as e:
         if key is not None:
             service.release_adapter(key)
