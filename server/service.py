@@ -29,7 +29,7 @@ from server.engine.engine import Engine, resolve_device_dtype
 from server.engine.loop import EngineLoop, StreamEvent
 from server.engine.request import GenerationRequest
 from server.lora.cache import AdapterCache, AdapterKey
-from server.lora.peft import AdapterValidationError, load_peft_adapter
+from server.lora.peft import AdapterValidationError, load_peft_adapter, max_adapter_upload_bytes
 from server.lora.store import AdapterNotFound, AdapterRecord, AdapterStore, check_customer_id
 from server.metrics import EngineSnapshot, Metrics
 from server.model.config import ModelConfig
@@ -89,6 +89,10 @@ class Service:
         self.settings, self.engine, self.store, self.cache, self.model = settings, engine, store, cache, model
         self.model_config: ModelConfig = engine.model.config
         self.loop = EngineLoop(engine)
+        largest = max_adapter_upload_bytes(self.model_config, settings.max_lora_rank)
+        self.upload_limit = min(settings.max_upload_bytes, largest)  # bytes of one upload, both files
+        self.upload_limit_source = ("LORAPLEX_MAX_UPLOAD_BYTES" if settings.max_upload_bytes <= largest else
+                                    f"the largest valid adapter for this base model at rank {settings.max_lora_rank}")
         self.admission = Admission(AdmissionLimits(
             settings.max_queued_requests, settings.max_queued_requests_per_tenant, settings.max_requests_per_tenant,
             settings.max_queued_tokens, settings.max_queued_tokens_per_tenant))
@@ -221,7 +225,7 @@ class Service:
                 "adapter_model is a pickled PyTorch file (adapter_model.bin), which is never loaded: upload "
                 "adapter_model.safetensors (peft's save_pretrained(..., safe_serialization=True))", "adapter_model")
         return load_peft_adapter(config_bytes, weights_bytes, self.model_config,
-                                 max_rank=self.settings.max_lora_rank, max_bytes=self.settings.max_upload_bytes)
+                                 max_rank=self.settings.max_lora_rank, max_bytes=self.upload_limit)
 
     def put_adapter(self, customer_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterRecord:
         """Validate and store a new version, make it current, retire older unused versions."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from urllib.parse import quote
 
 import httpx
@@ -305,3 +306,39 @@ def test_serve_defaults_to_localhost_8000_and_flags_override(monkeypatch):
     flags = serve_settings(build_parser().parse_args(["serve", "--port", "9123", "--max-loras", "3"]))
     assert (flags.port, flags.max_loras) == (9123, 3)
 
+
+
+def test_the_upload_bound_follows_the_base_model_and_the_max_rank(default_model_dir, model_config, tmp_path):
+    """A valid adapter of every targetable module at the max rank fits under the derived bound
+    (by about the float64 factor of 2 over float32), and a server whose byte limit is larger
+    refuses, by the declared size alone, an upload past what any valid adapter can be."""
+    from server.lora.peft import max_adapter_upload_bytes
+
+    rank, modules = MAX_RANK, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    shapes = model_config.linear_shapes()
+    tensors = {}
+    for layer in range(model_config.num_layers):
+        for module in modules:
+            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, shapes[module][0])
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(shapes[module][1], rank)
+    largest_fp32 = len(save(tensors)) + 1024
+    bound = max_adapter_upload_bytes(model_config, rank)
+    assert largest_fp32 < bound < 2 * largest_fp32 + (2 << 20)  # float64, and the config and header allowance
+
+    settings = Settings.from_env(device="cpu", max_num_seqs=2, num_kv_blocks=32, max_model_len=256, max_loras=1,
+                                 max_lora_rank=rank, admin_token=ADMIN_TOKEN, adapter_store=str(tmp_path / "store"))
+    assert settings.max_upload_bytes > bound
+    with BackgroundServer(create_app(settings)) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:  # a size declared, then little sent
+            conn.sendall((f"PUT /admin/adapters/acme HTTP/1.1\r\nHost: {host}\r\n"
+                          f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                          f"Content-Length: {bound + 1}\r\n\r\n--x\r\n").encode())
+            answer = conn.recv(65536).decode()
+        status_line, _, rest = answer.partition("\r\n")
+        assert " 413 " in status_line, answer
+        body = json.loads(rest.split("\r\n\r\n", 1)[1])
+        assert body["error"]["type"] == "invalid_request_error" and "largest valid adapter" in body["error"]["message"]
+        assert client.get("/admin/adapters", headers=AUTH).json()["data"] == []

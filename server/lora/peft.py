@@ -194,6 +194,21 @@ def check_adapter_tensors(
     return specs
 
 
+CONFIG_BYTES_ALLOWANCE = 1 << 20  # adapter_config.json (peft writes about 1 KB) and multipart framing
+HEADER_BYTES_PER_TENSOR = 512  # safetensors header: key, dtype, shape, offsets (about 130 bytes each)
+
+
+def max_adapter_upload_bytes(model: ModelConfig, max_rank: int) -> int:
+    """The largest upload a valid adapter for this base model can be: every targetable linear of
+    every layer at `max_rank` in float64 (the widest dtype accepted), its safetensors header and
+    the config. Anything larger is refused before it is read (the server's limit is the smaller
+    of this and LORAPLEX_MAX_UPLOAD_BYTES)."""
+    shapes = model.linear_shapes()
+    elements = max_rank * sum(fan_in + fan_out for fan_in, fan_out in shapes.values()) * model.num_layers
+    tensors = 2 * len(shapes) * model.num_layers
+    return elements * 8 + tensors * HEADER_BYTES_PER_TENSOR + (64 << 10) + CONFIG_BYTES_ALLOWANCE
+
+
 def load_peft_adapter(
     config: bytes | str | dict | Path, weights: bytes | Path, model: ModelConfig, *,
     max_rank: int, dtype: torch.dtype = torch.float32, max_bytes: int | None = None,

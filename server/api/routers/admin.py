@@ -40,7 +40,7 @@ async def put_adapter(customer_id: str, request: Request, service: Service = Dep
     metrics = request.app.state.metrics
     try:
         check_customer_id(customer_id)  # before anything else touches the request
-        limit = service.settings.max_upload_bytes
+        limit = (service.upload_limit, service.upload_limit_source)
         _check_declared_size(request, limit)
         async with request.app.state.upload_slots:
             config_bytes, weights_bytes = await _read_parts(request, limit)
@@ -75,31 +75,31 @@ def _describe(service: Service, record: AdapterRecord) -> dict:
     return {**record.to_dict(), "state": service.adapter_state(record)}
 
 
-def _check_declared_size(request: Request, limit: int) -> None:
+def _check_declared_size(request: Request, limit: tuple[int, str]) -> None:
+    """`limit`: (bytes, where the bound comes from), as for every size check of an upload."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("invalid Content-Length header")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit}-byte limit "
-                                  "(LORAPLEX_MAX_UPLOAD_BYTES)")
+        if int(declared) > limit[0]:
+            raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit[0]}-byte limit ({limit[1]})")
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "multipart/form-data":
         raise BadRequest(f"expected a multipart/form-data upload with the file parts {CONFIG_PART!r} and "
                          f"{WEIGHTS_PART!r}, got content type {media_type or 'none'!r}", code="invalid_upload")
 
 
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The request body, refused as soon as it passes `limit` (chunked uploads declare no size)."""
+async def _limited(stream: AsyncIterator[bytes], limit: tuple[int, str]) -> AsyncIterator[bytes]:
+    """The request body, refused as soon as it passes the limit (chunked uploads declare no size)."""
     total = 0
     async for chunk in stream:
         total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"upload is over the {limit}-byte limit (LORAPLEX_MAX_UPLOAD_BYTES)")
+        if total > limit[0]:
+            raise PayloadTooLarge(f"upload is over the {limit[0]}-byte limit ({limit[1]})")
         yield chunk
 
 
-async def _read_parts(request: Request, limit: int) -> tuple[bytes, bytes]:
+async def _read_parts(request: Request, limit: tuple[int, str]) -> tuple[bytes, bytes]:
     parser = MultiPartParser(request.headers, _limited(request.stream(), limit),
                              max_files=2, max_fields=2, max_part_size=MAX_CONFIG_BYTES)
     try:
