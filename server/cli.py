@@ -79,6 +79,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="the same bound for one tenant (default 256; 0: no bound)")
     p.add_argument("--max-requests-per-tenant", type=int,
                    help="queued and running generations of one tenant (default 0: no bound)")
+    p.add_argument("--max-request-seconds", type=float,
+                   help="a generation request's deadline from its arrival (default 600; clients may ask for less "
+                        "with X-Request-Timeout; 0: none)")
     p.add_argument("--max-queued-tokens", type=int,
                    help="prompt tokens of the queued generations, server-wide (default 1048576; 0: no bound)")
     p.add_argument("--max-queued-tokens-per-tenant", type=int,
@@ -95,7 +98,7 @@ SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapt
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
                   "max_queued_requests_per_tenant", "max_requests_per_tenant", "max_queued_tokens",
-                  "max_queued_tokens_per_tenant")
+                  "max_queued_tokens_per_tenant", "max_request_seconds")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:

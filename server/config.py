@@ -86,6 +86,9 @@ class Settings:
     max_queued_requests: int = 1024  # LORAPLEX_MAX_QUEUED_REQUESTS: server-wide
     max_queued_requests_per_tenant: int = 256  # LORAPLEX_MAX_QUEUED_REQUESTS_PER_TENANT: one tenant's share
     max_requests_per_tenant: int = 0  # LORAPLEX_MAX_REQUESTS_PER_TENANT: one tenant's queued + running
+    # LORAPLEX_MAX_REQUEST_SECONDS: a generation request's deadline from its arrival (a client may ask
+    # for less with the X-Request-Timeout header); past it the request ends with a deadline error; 0 = none
+    max_request_seconds: float = 600.0
     max_queued_tokens: int = 1 << 20  # LORAPLEX_MAX_QUEUED_TOKENS: prompt tokens of the queued generations
     max_queued_tokens_per_tenant: int = 1 << 18  # LORAPLEX_MAX_QUEUED_TOKENS_PER_TENANT
     max_upload_bytes: int = 1 << 30  # LORAPLEX_MAX_UPLOAD_BYTES: one adapter upload (both files)
@@ -136,6 +139,8 @@ class Settings:
                self.max_queued_tokens, self.max_queued_tokens_per_tenant) < 0:
             raise ValueError("the admission bounds (max_queued_requests[_per_tenant], max_requests_per_tenant, "
                              "max_queued_tokens[_per_tenant]) must be >= 0 (0 = no bound)")
+        if self.max_request_seconds < 0:
+            raise ValueError("max_request_seconds must be >= 0 (0 = no deadline)")
         if self.host_cache_bytes < 0 or self.max_upload_bytes < 1 or self.max_concurrent_uploads < 1:
             raise ValueError("host_cache_bytes must be >= 0, max_upload_bytes and max_concurrent_uploads >= 1")
         for name in ("gateway_queue_metric", "gateway_kv_usage_metric", "gateway_lora_info_metric"):

@@ -27,7 +27,7 @@ _TYPE_BY_STATUS = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
     415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-    503: "service_unavailable_error",
+    503: "service_unavailable_error", 504: "timeout_error",
 }
 
 
@@ -80,6 +80,10 @@ class TooManyRequests(APIError):
 
 class ServiceUnavailable(APIError):
     status_code, default_code = 503, "service_unavailable"
+
+
+class DeadlineExceeded(APIError):
+    status_code, default_code = 504, "deadline_exceeded"
 
 
 class InternalError(APIError):

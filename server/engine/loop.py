@@ -2,14 +2,18 @@
 
 Handlers call `await loop.stream(...)`: the request is tokenized off the event loop, queued
 to the engine thread, and every step's new text arrives through a per-request asyncio.Queue
-(`call_soon_threadsafe`). Leaving the stream early (client gone, deadline) queues an abort,
-which the engine thread applies before its next step, so blocks and adapter pins are back
-within one step. A step that raises fails the sequences it ran, never the thread.
+(`call_soon_threadsafe`). Leaving the stream early (client gone) queues an abort, which the
+engine thread applies before its next step, so blocks and adapter pins are back within one
+step. A request with a deadline (`GenerationRequest.deadline`) is aborted by the engine thread
+once it passes, queued or running, and its stream ends with finish_reason "timeout" (checked
+before every step, and every IDLE_WAIT_S when idle). A step that raises fails the sequences it
+ran, never the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import queue
 import sys
@@ -45,6 +49,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._consumers: dict[int, _Consumer] = {}
+        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, seq_id)
         self.last_step_at = 0.0  # monotonic time of the last completed loop iteration
         self.num_steps = 0
 
@@ -96,6 +101,7 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._apply_commands()
+            self._expire_deadlines()
             if not self.engine.has_work():
                 self.last_step_at = time.monotonic()
                 self._wake.wait(IDLE_WAIT_S)
@@ -125,10 +131,29 @@ class EngineLoop:
                 return
             if kind == "add":
                 self._consumers[seq.seq_id] = consumer
+                if seq.request.deadline is not None:
+                    heapq.heappush(self._deadlines, (seq.request.deadline, seq.seq_id))
                 self.engine.submit(seq)
             elif kind == "abort" and seq.seq_id in self._consumers:
                 del self._consumers[seq.seq_id]
                 self.engine.abort(seq)
+
+    def _expire_deadlines(self) -> None:
+        """Abort the sequences whose deadline passed; their streams end with finish_reason "timeout"."""
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, seq_id = heapq.heappop(self._deadlines)
+            consumer = self._consumers.pop(seq_id, None)
+            if consumer is None:  # ended already
+                continue
+            seq = consumer.seq
+            self.engine.abort(seq)
+            text, ids = consumer.take_new(seq)
+            consumer.send(StreamEvent(text, ids, "timeout", "the request ran past its deadline", len(seq.prompt_ids),
+                                      len(seq.output_ids)))
+        if len(self._deadlines) > 4 * len(self._consumers) + 64:  # mostly ended requests: drop them
+            self._deadlines = [(d, i) for d, i in self._deadlines if i in self._consumers]
+            heapq.heapify(self._deadlines)
 
     def _publish(self, updated: list[Sequence]) -> None:
         """Hand the step's new text to the consumers: one wake-up per event loop per step,

@@ -40,6 +40,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # a registered adapter id; None = base model
     chat: bool = False  # wrap a text prompt as one user message in the model's chat template
+    deadline: float | None = None  # time.monotonic() by which it must end; past it, finish_reason "timeout"
 
 
 @dataclass

@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import CUSTOMER_HEADER, Tenant, get_service, get_tenant, select_customer
 from server.admission import Overloaded, Ticket
-from server.api.errors import (APIError, BadRequest, InternalError, NotFound, ServiceUnavailable, TooManyRequests,
-                               error_body)
+from server.api.errors import (APIError, BadRequest, DeadlineExceeded, InternalError, NotFound, ServiceUnavailable,
+                               TooManyRequests, error_body)
 from server.api.formats import ChatFormat, ResponseFormat, TextCompletionFormat
 from server.api.schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, GenerationFields
 from server.engine.loop import StreamEvent
@@ -133,7 +133,8 @@ async def _serve(http: Request, tenant: Tenant, customer: str | None, service: S
     try:
         for ids in prompt_ids:
             service.check_length(len(ids), max_tokens, where=where)
-        choices = _choices(body, prompt_ids, max_tokens, customer)
+        timeout_s = _timeout_s(http, service.settings.max_request_seconds)
+        choices = _choices(body, prompt_ids, max_tokens, customer, None if timeout_s is None else arrived_at + timeout_s)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     key = None
@@ -166,7 +167,8 @@ async def _serve(http: Request, tenant: Tenant, customer: str | None, service: S
             run.release()
 
 
-def _choices(body: GenerationFields, prompt_ids: list[list[int]], max_tokens: int, customer: str | None):
+def _choices(body: GenerationFields, prompt_ids: list[list[int]], max_tokens: int, customer: str | None,
+             deadline: float | None = None):
     n = body.n or 1
     if n * len(prompt_ids) > MAX_CHOICES:
         raise ValueError(f"n x prompts = {n * len(prompt_ids)} sequences; at most {MAX_CHOICES} per request")
@@ -180,7 +182,8 @@ def _choices(body: GenerationFields, prompt_ids: list[list[int]], max_tokens: in
                 seed=None if seed is None else (seed + 2**63) % 2**64 - 2**63, stop=body.stop_strings(),
                 ignore_eos=bool(body.ignore_eos),
             )
-            choices.append((prompt_index, GenerationRequest(prompt=ids, sampling=sampling, adapter=customer)))
+            choices.append((prompt_index, GenerationRequest(prompt=ids, sampling=sampling, adapter=customer,
+                                                            deadline=deadline)))
     return choices
 
 
@@ -282,7 +285,30 @@ async def _merge(streams: list[AsyncIterator[StreamEvent]]) -> AsyncIterator[tup
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+TIMEOUT_HEADER = "X-Request-Timeout"
+_DEADLINE_MESSAGE = (f"the request ran past its deadline (the {TIMEOUT_HEADER} header's seconds, at most the "
+                     "server's LORAPLEX_MAX_REQUEST_SECONDS, from its arrival)")
+
+
+def _timeout_s(http: Request, server_max: float) -> float | None:
+    """The request's deadline in seconds from its arrival: the client's X-Request-Timeout if it
+    gives one, at most the server's maximum (None: no deadline at all)."""
+    raw = http.headers.get(TIMEOUT_HEADER)
+    limit = server_max or None
+    if raw is None:
+        return limit
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = -1.0
+    if not 0 < asked < float("inf"):
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds, not {raw!r}", param=TIMEOUT_HEADER)
+    return asked if limit is None else min(asked, limit)
+
+
 def _raise_if_failed(event: StreamEvent) -> None:
+    if event.finish_reason == "timeout":
+        raise DeadlineExceeded(_DEADLINE_MESSAGE)
     if event.finish_reason == "abort":
         raise ServiceUnavailable(event.error or "the request was aborted", code="aborted")
     if event.finish_reason == "error":
@@ -314,7 +340,7 @@ async def _stream_response(run: _Run) -> Response:
     events = run.events()
     try:
         first = await anext(events)
-        if len(run.choices) == 1 and first[1].finish_reason in ("error", "abort"):
+        if len(run.choices) == 1 and first[1].finish_reason in ("error", "abort", "timeout"):
             _raise_if_failed(first[1])
     except BaseException:
         await events.aclose()
@@ -336,7 +362,7 @@ async def _sse(run: _Run, first: tuple[int, StreamEvent], events: AsyncIterator[
                 head, tail = templates[index]  # the common event: only the text changes
                 yield head + json.dumps(event.text) + tail
                 continue
-            if event.finish_reason in ("error", "abort"):
+            if event.finish_reason in ("error", "abort", "timeout"):
                 yield _data(_stream_error(event))
                 continue
             for chunk in fmt.chunks(run, index, event.text, event.finish_reason):
@@ -362,6 +388,8 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 def _stream_error(event: StreamEvent) -> dict:
+    if event.finish_reason == "timeout":
+        return error_body(504, _DEADLINE_MESSAGE, "deadline_exceeded")
     if event.finish_reason == "abort":
         return error_body(503, event.error or "the request was aborted", "aborted")
     return error_body(500, event.error or "the generation failed", "generation_failed")
