@@ -92,6 +92,8 @@ class Settings:
     max_queued_tokens: int = 1 << 20  # LORAPLEX_MAX_QUEUED_TOKENS: prompt tokens of the queued generations
     max_queued_tokens_per_tenant: int = 1 << 18  # LORAPLEX_MAX_QUEUED_TOKENS_PER_TENANT
     max_upload_bytes: int = 1 << 30  # LORAPLEX_MAX_UPLOAD_BYTES: one adapter upload (both files)
+    max_request_body_bytes: int = 16 << 20  # LORAPLEX_MAX_REQUEST_BODY_BYTES: any other request's body (413 past it)
+    max_connections: int = 4096  # LORAPLEX_MAX_CONNECTIONS: uvicorn answers 503 past this many at once; 0 = no bound
     max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
     # the loraplex_* originals; comma-separated, "none" = do not export. Defaults: vLLM's names (the EPP's).
@@ -139,6 +141,8 @@ class Settings:
                self.max_queued_tokens, self.max_queued_tokens_per_tenant) < 0:
             raise ValueError("the admission bounds (max_queued_requests[_per_tenant], max_requests_per_tenant, "
                              "max_queued_tokens[_per_tenant]) must be >= 0 (0 = no bound)")
+        if self.max_request_body_bytes < 1 or self.max_connections < 0:
+            raise ValueError("max_request_body_bytes must be >= 1 and max_connections >= 0 (0 = no bound)")
         if self.max_request_seconds < 0:
             raise ValueError("max_request_seconds must be >= 0 (0 = no deadline)")
         if self.host_cache_bytes < 0 or self.max_upload_bytes < 1 or self.max_concurrent_uploads < 1:

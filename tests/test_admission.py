@@ -145,3 +145,27 @@ def test_the_bounds_come_from_flags_and_the_environment(monkeypatch):
     assert (settings.max_queued_tokens_per_tenant, settings.max_requests_per_tenant) == (0, 0)
     with pytest.raises(ValueError, match="admission bounds"):
         Settings(max_queued_requests=-1).validate()
+
+
+def test_an_oversized_request_body_gets_413_and_uvicorn_bounds_connections(server):
+    """Generation request bodies past LORAPLEX_MAX_REQUEST_BODY_BYTES (here the default, 16 MiB)
+    are refused on the declared size, and a chunked one as soon as it passes the limit."""
+    from server.api.app import uvicorn_limits
+
+    assert uvicorn_limits(Settings(max_connections=12)) == {"limit_concurrency": 12}
+    assert uvicorn_limits(Settings(max_connections=0)) == {"limit_concurrency": None}
+    limit = Settings().max_request_body_bytes
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        big = b'{"model": "x", "prompt": "' + b"a" * limit + b'"}'
+        response = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+        def chunked():
+            yield b'{"model": "x", "prompt": "'
+            for _ in range(20):
+                yield b"a" * (1 << 20)
+            yield b'"}'
+
+        response = client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "LORAPLEX_MAX_REQUEST_BODY_BYTES" in response.json()["error"]["message"]
+        assert client.get("/health").status_code == 200

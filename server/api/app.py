@@ -9,13 +9,14 @@ stream. One router per area: completions (OpenAI-compatible inference), admin (a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from server.api.auth import ApiKeys
-from server.api.errors import install_error_handlers
+from server.api.errors import error_body, install_error_handlers
 from server.api.routers import admin, completions, ops
 from server.config import Settings
 from server.metrics import Metrics
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = None
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_request_body_bytes, exempt_prefix=admin.UPLOAD_PREFIX)
     app.add_middleware(RequestCounter, metrics=metrics)
     app.include_router(completions.router)
     app.include_router(admin.router)
@@ -79,3 +81,55 @@ class RequestCounter:
         finally:
             route = scope.get("route")
             self.metrics.count_http(getattr(route, "path", "unmatched"), status)
+
+
+def uvicorn_limits(settings: Settings) -> dict:
+    """uvicorn's own bounds, from the settings: open connections (503 past them)."""
+    return {"limit_concurrency": settings.max_connections or None}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body (other than adapter uploads, which have their own limit) of
+    more than `limit` bytes gets 413 in OpenAI's envelope, on its declared size at once, or as soon
+    as a chunked body passes it (the app then sees the client gone, and its answer is dropped);
+    nothing past the limit is buffered."""
+
+    def __init__(self, app, limit: int, exempt_prefix: str):
+        self.app, self.limit, self.exempt_prefix = app, limit, exempt_prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefix):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received, started, refused = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit and not started:
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if refused:
+                return  # the 413 went out already
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, limited_receive, tracking_send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(error_body(413, f"request body over the {self.limit}-byte limit "
+                                          "(LORAPLEX_MAX_REQUEST_BODY_BYTES)", "payload_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -25,6 +25,7 @@ from server.lora.store import AdapterRecord, check_customer_id
 from server.service import Service
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+UPLOAD_PREFIX = "/admin/adapters/"  # uploads: bounded by their own limit (Service.upload_limit), not the body limit
 
 CONFIG_PART = "adapter_config"
 WEIGHTS_PART = "adapter_model"
