@@ -65,6 +65,8 @@ allocated per call (inside a capture it comes from the graph's pool).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -282,27 +284,26 @@ def launch_paged_attention(q, k_cache, v_cache, block_tables, query_starts, cont
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_seqs = context_lens.shape[0]
     num_heads, head_dim = q.shape[1:]
-    page_size, num_kv_heads = k_cache.shape[1:3]
-    group = num_heads // num_kv_heads
+    num_kv_heads = k_cache.shape[2]
     if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
         return out
 
+    def config_for(query_len: int) -> dict:
+        return attention_config(num_seqs, query_len, num_kv_heads, num_heads // num_kv_heads, head_dim, q.dtype,
+                                q.device)
+
+    launch = functools.partial(_launch, q, k_cache, v_cache, block_tables, query_starts, context_lens, scale,
+                               sliding_window, out)
     if config is None and max_query_len > 1 and MIXED_TWO_LAUNCHES and num_seqs > 1:
         # one launch with decode tiles for the sequences of one query token, one with prefill
         # tiles for the others; each skips the other's sequences (splits would merge every row)
-        decode_cfg = dict(attention_config(num_seqs, 1, num_kv_heads, group, head_dim, q.dtype, q.device), NUM_SPLITS=1)
-        _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, 1, scale, sliding_window, out,
-                decode_cfg, _SINGLE)
-        cfg = attention_config(num_seqs, max_query_len, num_kv_heads, group, head_dim, q.dtype, q.device)
-        return _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, scale,
-                       sliding_window, out, cfg, _MULTI, prefill_seqs)
-    cfg = config or attention_config(num_seqs, max_query_len, num_kv_heads, group, head_dim, q.dtype, q.device)
-    return _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, scale,
-                   sliding_window, out, cfg, _ALL)
+        launch(1, dict(config_for(1), NUM_SPLITS=1), _SINGLE)
+        return launch(max_query_len, config_for(max_query_len), _MULTI, prefill_seqs)
+    return launch(max_query_len, config or config_for(max_query_len), _ALL)
 
 
-def _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len: int, scale: float,
-            sliding_window: int | None, out: torch.Tensor, config: dict, seqs: int,
+def _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale: float, sliding_window: int | None,
+            out: torch.Tensor, max_query_len: int, config: dict, seqs: int,
             seq_list: torch.Tensor | None = None) -> torch.Tensor:
     num_seqs = context_lens.shape[0]
     num_heads, head_dim = q.shape[1:]

@@ -63,24 +63,21 @@ class Admission:
         in, or raise Overloaded (nothing counted)."""
         limits = self.limits
         with self._lock:
-            if limits.max_queued_tokens and self._queued_tokens + prompt_tokens > limits.max_queued_tokens:
-                raise Overloaded(f"the server has {self._queued_tokens} prompt tokens queued (at most "
-                                 f"{limits.max_queued_tokens}); retry later", "queued_tokens")
-            tokens = self._queued_tokens_by_tenant[tenant]
-            if limits.max_queued_tokens_per_tenant and tokens + prompt_tokens > limits.max_queued_tokens_per_tenant:
-                raise Overloaded(f"this tenant has {tokens} prompt tokens queued (at most "
-                                 f"{limits.max_queued_tokens_per_tenant}); retry later", "tenant_queued_tokens")
-            if limits.max_queued and self._queued + generations > limits.max_queued:
-                raise Overloaded(f"the server has {self._queued} generations queued (at most {limits.max_queued}); "
-                                 "retry later", "queue_full")
-            queued = self._queued_by_tenant[tenant]
-            if limits.max_queued_per_tenant and queued + generations > limits.max_queued_per_tenant:
-                raise Overloaded(f"this tenant has {queued} generations queued (at most "
-                                 f"{limits.max_queued_per_tenant}); retry later", "tenant_queue_full")
-            in_flight = self._in_flight_by_tenant[tenant]
-            if limits.max_in_flight_per_tenant and in_flight + generations > limits.max_in_flight_per_tenant:
-                raise Overloaded(f"this tenant has {in_flight} generations in flight (at most "
-                                 f"{limits.max_in_flight_per_tenant}); retry later", "tenant_concurrency")
+            # (count now, what this request adds, bound, what is counted, whose, reason), the first reached refuses
+            checks = (
+                (self._queued_tokens, prompt_tokens, limits.max_queued_tokens, "prompt tokens queued",
+                 "the server", "queued_tokens"),
+                (self._queued_tokens_by_tenant[tenant], prompt_tokens, limits.max_queued_tokens_per_tenant,
+                 "prompt tokens queued", "this tenant", "tenant_queued_tokens"),
+                (self._queued, generations, limits.max_queued, "generations queued", "the server", "queue_full"),
+                (self._queued_by_tenant[tenant], generations, limits.max_queued_per_tenant, "generations queued",
+                 "this tenant", "tenant_queue_full"),
+                (self._in_flight_by_tenant[tenant], generations, limits.max_in_flight_per_tenant,
+                 "generations in flight", "this tenant", "tenant_concurrency"),
+            )
+            for count, adding, bound, what, whose, reason in checks:
+                if bound and count + adding > bound:
+                    raise Overloaded(f"{whose} has {count} {what} (at most {bound}); retry later", reason)
             self._queued += generations
             self._queued_tokens += prompt_tokens
             self._queued_by_tenant[tenant] += generations

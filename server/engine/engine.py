@@ -240,9 +240,10 @@ class Engine:
         for seq in out.failed:
             self._mark_finished(seq, "error")
         launched = self.launch(out.chunks) if out.chunks else None
-        previous, self._in_flight = self._in_flight, launched
-        if not self.async_scheduling:
-            previous, self._in_flight = launched, None
+        if self.async_scheduling:  # complete the step before this one; this one stays in flight
+            previous, self._in_flight = self._in_flight, launched
+        else:
+            previous = launched
         self.last_step_idle = not out.chunks and previous is None
         if previous is None:
             return list(out.failed)
