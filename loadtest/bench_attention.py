@@ -17,8 +17,8 @@ HBM; host launch time hides behind the flush). Bandwidth counts the bytes that m
 every visible K/V element once, q read and out written; % copy is that over a measured
 device-to-device copy (read + write). Results: a table on stdout and JSON
 (`attention_bench_h200.json`) in --out (default $OUT, else loadtest/results). `--tune` instead
-sweeps launch configurations on a few key cases (`attention_tune_h200.json`; a few minutes,
-mostly compiling: narrow it with --only); `--dry-run` runs
+sweeps launch configurations on a few key cases, or on every case --only selects
+(`attention_tune_h200.json`; a few minutes, mostly compiling); `--dry-run` runs
 tiny shapes on the CPU interpreter to check the plumbing (timings there mean nothing;
 `attention_bench_dry_run.json`).
 """
@@ -168,8 +168,8 @@ def tune_candidates(case: Case) -> list[dict]:
     group = heads // kv_heads
     base = case.config()
     if case.max_query_len == 1:
-        splits = sorted({1, base["NUM_SPLITS"], 2 * base["NUM_SPLITS"]})
-        shapes = [*itertools.product((32, 64, 128), (4,), (2, 3, 4)), (64, 2, 3), (64, 8, 3)]
+        splits = sorted({1, base["NUM_SPLITS"], 2 * base["NUM_SPLITS"]}) if base["NUM_SPLITS"] > 1 else [1]
+        shapes = list(itertools.product((16, 32, 64, 128), (2, 4, 8), (2, 3, 4)))
         return [dict(base, BLOCK_N=bn, num_warps=w, num_stages=st, NUM_SPLITS=sp)
                 for (bn, w, st), sp in itertools.product(shapes, splits)]
     return [dict(base, BLOCK_M=bm, TILE_Q=bm // group, BLOCK_N=bn, num_warps=w, num_stages=st)
@@ -179,7 +179,7 @@ def tune_candidates(case: Case) -> list[dict]:
 def tune(args, device) -> int:
     report = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
                   method="median of triton.testing.do_bench", cases=[])
-    for model, scenario in itertools.product(MODELS, TUNE_SCENARIOS):
+    for model, scenario in itertools.product(MODELS, SCENARIOS if args.only else TUNE_SCENARIOS):
         if args.only and args.only not in f"{model}/{scenario}":
             continue
         case = Case(model, scenario, device)

@@ -70,6 +70,9 @@ class Settings:
     enforce_eager: bool = False  # LORAPLEX_ENFORCE_EAGER: no CUDA graphs for decode steps (debugging)
     # LORAPLEX_ASYNC_SCHEDULING: auto (on the GPU) | on | off: schedule step N+1 while the device runs step N
     async_scheduling: str = "auto"
+    # LORAPLEX_BLAS_LIBRARY: auto (cuBLASLt on the GPU) | cublas | cublaslt: the library torch hands the
+    # projections' GEMMs to (loadtest/bench_gemm.py: cuBLASLt is faster on most serving shapes)
+    blas_library: str = "auto"
     # --- HTTP server
     host: str = "127.0.0.1"  # LORAPLEX_HOST
     port: int = 8000  # LORAPLEX_PORT
@@ -133,6 +136,8 @@ class Settings:
             raise ValueError("kv_block_size must be >= 1")
         if self.async_scheduling not in {"auto", "on", "off"}:
             raise ValueError(f"async_scheduling must be auto, on or off, not {self.async_scheduling!r}")
+        if self.blas_library not in {"auto", "cublas", "cublaslt"}:
+            raise ValueError(f"blas_library must be auto, cublas or cublaslt, not {self.blas_library!r}")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not 0 <= self.port <= 65535:

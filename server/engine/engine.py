@@ -40,7 +40,7 @@ from server.lora.registry import InMemoryAdapters
 from server.model.kv_cache import KVCache
 from server.model.llama import LlamaModel
 from server.model.loader import load_model
-from server.model.runner import ModelRunner, SequenceChunk
+from server.model.runner import ModelRunner, SequenceChunk, select_blas_library
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -97,6 +97,7 @@ class Engine:
         (the server's tiered cache); by default adapters are registered in memory."""
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        select_blas_library(settings.blas_library, self.device)  # before any GEMM is captured
         self.tokenizer = tokenizer
         self.model = model
         cfg = model.config

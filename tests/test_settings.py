@@ -1,0 +1,26 @@
+"""Settings from LORAPLEX_* variables: values are parsed, bad ones refused with the setting's name."""
+
+import pytest
+import torch
+
+from server.config import Settings
+from server.model.runner import select_blas_library
+
+
+def test_blas_library_comes_from_the_environment_and_is_checked():
+    assert Settings.from_env({}).blas_library == "auto"
+    assert Settings.from_env({"LORAPLEX_BLAS_LIBRARY": "cublas"}).blas_library == "cublas"
+    with pytest.raises(ValueError, match="blas_library"):
+        Settings.from_env({"LORAPLEX_BLAS_LIBRARY": "openblas"})
+
+
+def test_async_scheduling_is_checked():
+    assert Settings.from_env({"LORAPLEX_ASYNC_SCHEDULING": "off"}).async_scheduling == "off"
+    with pytest.raises(ValueError, match="async_scheduling"):
+        Settings.from_env({"LORAPLEX_ASYNC_SCHEDULING": "sometimes"})
+
+
+def test_the_blas_choice_leaves_a_cpu_process_alone():
+    before = torch.backends.cuda.preferred_blas_library()
+    select_blas_library("cublaslt", torch.device("cpu"))
+    assert torch.backends.cuda.preferred_blas_library() == before
