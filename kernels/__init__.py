@@ -12,8 +12,9 @@ are imported on first use, so importing `kernels` stays cheap and never decides 
 interpreter (TRITON_INTERPRET=1) before a test can.
 
 The model's elementwise ops dispatch the same way: `rms_norm` (with the residual add fused in),
-`silu_and_mul` and `apply_rope_qk`, each a Triton kernel beside its reference in
-`triton_norm.py`, `triton_activation.py` and `triton_rope.py`.
+`silu_and_mul` and `apply_rope_qk` (with `apply_rope_and_write_kv`, the rotation and the KV cache
+write in one launch), each a Triton kernel beside its reference in `triton_norm.py`,
+`triton_activation.py` and `triton_rope.py`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,18 @@ def silu_and_mul(gate_up):
     return silu_and_mul_reference(gate_up)
 
 
+def apply_rope_and_write_kv(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, cos_sin=None):
+    """`apply_rope_qk`, then `write_kv` of the rotated k and v into one layer's caches (one launch
+    on CUDA); returns the rotated q, a new tensor."""
+    if q.is_cuda and _triton_ops() is not None:
+        from kernels.triton_rope import apply_rope_and_write_kv as triton_rope_and_write
+
+        return triton_rope_and_write(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping)
+    q, k = apply_rope_qk(q, k, positions, inv_freq, cos_sin)
+    write_kv(k_cache, v_cache, slot_mapping, k, v)
+    return q
+
+
 def apply_rope_qk(q, k, positions, inv_freq, cos_sin=None):
     """q (T, heads, head_dim) and k (T, kv_heads, head_dim) rotated by each token's position; new tensors.
     `cos_sin`: rope_cos_sin's tables where the caller built them once for all layers (the reference
@@ -123,4 +136,4 @@ def apply_rope_qk(q, k, positions, inv_freq, cos_sin=None):
 
 
 __all__ = ["LoRABatchMeta", "lora_apply", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
-           "paged_attention", "write_kv", "rms_norm", "silu_and_mul", "apply_rope_qk"]
+           "paged_attention", "write_kv", "rms_norm", "silu_and_mul", "apply_rope_qk", "apply_rope_and_write_kv"]

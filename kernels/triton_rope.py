@@ -23,6 +23,11 @@ themselves included (each program reads a token's heads before it writes them). 
 strided views, e.g. of the fused qkv projection's output, as long as head_dim is contiguous.
 One program per token does q's heads and k's with one cos/sin table; the grid depends only on
 T, so the launch can be graph-captured.
+
+`apply_rope_and_write_kv` is the model's call: the same program stores the rotated k, and
+copies v, straight into the layer's paged KV cache at the token's slot (what
+kernels/triton_kv_write.py does on its own), so a decode step has one launch and no k round
+trip through memory fewer per layer.
 """
 
 from __future__ import annotations
@@ -66,9 +71,13 @@ def _rotate_heads(x_ptr, out_ptr, stride_h, stride_out_h, cos, sin, HEADS: tl.co
 def _rope_qk_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+    v_ptr, v_cache_ptr, slot_ptr, stride_vt, stride_vh,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERPRETED: tl.constexpr,
+    TO_CACHE: tl.constexpr,
 ):
+    """TO_CACHE: k_out is a layer's key cache and stride_kot its slot stride; token t's rotated
+    k goes to slot slot_ptr[t] (and its v, copied, to the same slot of v_cache), none for -1."""
     t = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
     inv_freq = tl.load(inv_freq_ptr + offs_d, mask=offs_d < HALF, other=0.0)
@@ -82,39 +91,88 @@ def _rope_qk_kernel(
     sin = round_to(sin, dtype, INTERPRETED).to(tl.float32)[None, :]
     _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, cos, sin,
                   Q_HEADS, HALF, BLOCK_Q, BLOCK_HALF, INTERPRETED)
-    _rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin,
-                  KV_HEADS, HALF, BLOCK_KV, BLOCK_HALF, INTERPRETED)
+    row = t
+    if TO_CACHE:
+        row = tl.load(slot_ptr + t).to(tl.int64)
+    if row >= 0:
+        _rotate_heads(k_ptr + t * stride_kt, k_out_ptr + row * stride_kot, stride_kh, stride_koh, cos, sin,
+                      KV_HEADS, HALF, BLOCK_KV, BLOCK_HALF, INTERPRETED)
+        if TO_CACHE:  # v as it is, beside its key
+            offs_h = tl.arange(0, BLOCK_KV)[:, None]
+            offs_v = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+            mask = (offs_h < KV_HEADS) & (offs_v < 2 * HALF)
+            v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_v, mask=mask)
+            tl.store(v_cache_ptr + row * stride_kot + offs_h * stride_koh + offs_v, v, mask=mask)
 
 
 def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
                   q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None):
     """q (T, heads, head_dim), k (T, kv_heads, head_dim), positions (T,) int32/int64, inv_freq
     (head_dim // 2,) float32 -> rotated (q, k), new contiguous tensors unless q_out / k_out are given."""
-    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.dtype != q.dtype:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be (T, heads, head_dim) of one dtype")
-    num_tokens, q_heads, head_dim = q.shape
-    kv_heads, half = k.shape[1], head_dim // 2
-    if head_dim % 2 or positions.shape != (num_tokens,) or inv_freq.shape != (half,):
-        raise ValueError(f"positions {tuple(positions.shape)} must be ({num_tokens},) and inv_freq "
-                         f"{tuple(inv_freq.shape)} ({half},), of an even head_dim")
-    if positions.dtype not in (torch.int32, torch.int64) or inv_freq.dtype != torch.float32:
-        raise ValueError("positions must be int32 or int64 and inv_freq float32")
+    _check_rope_args(q, k, positions, inv_freq)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     if q_out.shape != q.shape or k_out.shape != k.shape or q_out.dtype != q.dtype or k_out.dtype != k.dtype:
         raise ValueError("q_out and k_out must have q's and k's shapes and dtype")
-    if any(a.stride(2) != 1 for a in (q, k, q_out, k_out)) or positions.stride(0) != 1 or inv_freq.stride(0) != 1:
-        raise ValueError("head_dim must be the contiguous dimension, and positions and inv_freq contiguous")
-    if num_tokens > 0:
-        block_q, block_kv, block_half = (triton.next_power_of_2(n) for n in (q_heads, kv_heads, half))
-        _rope_qk_kernel[(num_tokens,)](
-            q, k, q_out, k_out, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_HALF=block_half,
-            INTERPRETED=type(_rope_qk_kernel).__name__ == "InterpretedFunction",
-            num_warps=min(max(block_q * block_half // 512, 1), 8), enable_fp_fusion=False,
-        )
+    if q_out.stride(2) != 1 or k_out.stride(2) != 1:
+        raise ValueError("head_dim must be the contiguous dimension of q_out and k_out")
+    _launch(q, k, q_out, k_out, positions, inv_freq, k_out.stride(0), k_out.stride(1))
     return q_out, k_out
+
+
+def apply_rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor, *, q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """`apply_rope_qk` and `write_kv` in one launch: returns the rotated q (a new contiguous
+    tensor unless q_out is given); the rotated k and v (T, kv_heads, head_dim) go straight into
+    one layer's caches (num_blocks, block_size, kv_heads, head_dim) at flat slots
+    slot_mapping (T,), nothing for a slot of -1. The values stored are those of the two
+    kernels run one after the other, bit for bit."""
+    _check_rope_args(q, k, positions, inv_freq)
+    num_tokens, kv_heads, head_dim = k.shape
+    if v.shape != k.shape or v.dtype != k.dtype or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and slot_mapping {tuple(slot_mapping.shape)} disagree")
+    if k_cache.shape[2:] != (kv_heads, head_dim) or k_cache.dtype != k.dtype or v_cache.shape != k_cache.shape \
+            or v_cache.dtype != k_cache.dtype:
+        raise ValueError("the caches do not match k and v in heads, head_dim or dtype")
+    if v.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous() or slot_mapping.stride(0) != 1:
+        raise ValueError("head_dim must be the contiguous dimension, and the caches and slot_mapping contiguous")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
+    if q_out.shape != q.shape or q_out.dtype != q.dtype or q_out.stride(2) != 1:
+        raise ValueError("q_out must have q's shape and dtype, head_dim contiguous")
+    _launch(q, k, q_out, k_cache, positions, inv_freq, kv_heads * head_dim, head_dim,
+            to_cache=(v, v_cache, slot_mapping))
+    return q_out
+
+
+def _check_rope_args(q, k, positions, inv_freq) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.dtype != q.dtype:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be (T, heads, head_dim) of one dtype")
+    num_tokens, _, head_dim = q.shape
+    if head_dim % 2 or positions.shape != (num_tokens,) or inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"positions {tuple(positions.shape)} must be ({num_tokens},) and inv_freq "
+                         f"{tuple(inv_freq.shape)} ({head_dim // 2},), of an even head_dim")
+    if positions.dtype not in (torch.int32, torch.int64) or inv_freq.dtype != torch.float32:
+        raise ValueError("positions must be int32 or int64 and inv_freq float32")
+    if q.stride(2) != 1 or k.stride(2) != 1 or positions.stride(0) != 1 or inv_freq.stride(0) != 1:
+        raise ValueError("head_dim must be the contiguous dimension, and positions and inv_freq contiguous")
+
+
+def _launch(q, k, q_out, k_out, positions, inv_freq, stride_kot: int, stride_koh: int, to_cache=None) -> None:
+    num_tokens, q_heads, head_dim = q.shape
+    kv_heads, half = k.shape[1], head_dim // 2
+    if num_tokens == 0:
+        return
+    # without the cache, the kernel's v, v_cache and slot arguments are never read
+    v, v_cache, slots = to_cache if to_cache is not None else (k, k_out, positions)
+    block_q, block_kv, block_half = (triton.next_power_of_2(n) for n in (q_heads, kv_heads, half))
+    _rope_qk_kernel[(num_tokens,)](
+        q, k, q_out, k_out, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q_out.stride(0), q_out.stride(1), stride_kot, stride_koh, v, v_cache, slots, v.stride(0), v.stride(1),
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_HALF=block_half,
+        INTERPRETED=type(_rope_qk_kernel).__name__ == "InterpretedFunction", TO_CACHE=to_cache is not None,
+        num_warps=min(max(block_q * block_half // 512, 1), 8), enable_fp_fusion=False,
+    )
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,

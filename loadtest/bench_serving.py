@@ -12,8 +12,13 @@ the phases' own closed loop without the server (64 requests always in flight; sk
 (log: <out>/server_<shape>.log); (5) the first request after /ready; (6) N PEFT adapters
 uploaded through the admin API; (7) phases of closed-loop streaming clients: `tenantsN@C` is C
 concurrent clients, each request for one of N tenants round-robin (`base@C`: no tenant header),
-128-token random prompts, 128 output tokens with ignore_eos, greedy; a warm-up, --duration
-seconds measured, then a bounded drain; the server's /metrics scraped at the window's edges;
+128-token random prompts, 128 output tokens with ignore_eos, greedy; before a tenants phase, one
+one-token request per tenant loads its adapters (the phase measures the steady state; the cold
+first load is step 6's figure; --no-touch skips it); the first wave's lengths are staggered over
+the clients (1 .. 128 tokens; --no-stagger: all 128) so that finishes and new prompts spread
+over the steps as in a steady state, as the engine-alone closed loop does, instead of the whole
+phase running in lockstep (every prompt in the same few steps); a warm-up, --duration seconds
+measured, then a bounded drain; the server's /metrics scraped at the window's edges;
 (8) per phase the roofline step (weights + KV at the mean context of C sequences + C's distinct
 adapters, over the copy bandwidth) and the issue's targets as MET/MISSED; (9) a table, and
 everything as JSON in <out>/serving_bench_<shape>_<device>.json.
@@ -48,7 +53,7 @@ import httpx
 from loadtest import serving_report as report
 from loadtest.admin_upload import upload_adapters
 from loadtest.server_process import ServerProcess, ServerStartError, free_port
-from loadtest.sse_client import LoadSpec, one_request, random_prompt, run_clients
+from loadtest.sse_client import LoadSpec, one_request, random_prompt, run_clients, touch_tenants
 
 # Heavy imports (torch, the engine) happen inside functions: client worker processes are
 # spawned and re-import this module, and they need none of it.
@@ -108,6 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="checkpoint and adapter store (default: a temp dir, removed)")
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stagger", action="store_true",
+                   help="every client's first request asks for --max-tokens too (clients then stay in lockstep)")
+    p.add_argument("--no-touch", action="store_true",
+                   help="do not load a tenants phase's adapters (one one-token request each) before it starts")
     args = p.parse_args(argv)
     try:
         args.phases = [parse_phase(s) for s in args.phases.split(",") if s.strip()]
@@ -163,6 +172,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def _settings_summary(args: argparse.Namespace) -> dict:
     return {"phases": [p.name for p in args.phases], "duration_s": args.duration, "warmup_s": args.warmup,
+            "stagger_first_wave": not args.no_stagger, "touch_tenants_first": not args.no_touch,
             "drain_timeout_s": args.drain_timeout, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
             "rank": args.rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "seed": args.seed,
             "tokenizer": str(args.tokenizer), "server_args": args.server_arg}
@@ -351,6 +361,15 @@ def _run_phase(args, pool, phase: Phase, base_url: str, model: str, customer_ids
     if time.monotonic() + args.warmup + args.duration + STOP_MARGIN_S > deadline:
         progress(f"phase {phase.name}: skipped, it would not end within --time-budget {args.time_budget:.0f} s")
         return {**out, "skipped": "time budget", "output_tokens_per_s": 0.0, "requests_per_s": 0.0, "errors": {}}
+    if phase.tenants and not args.no_touch:
+        touch_start = time.monotonic()
+        prompt = random_prompt(f"{args.seed}/touch", args.prompt_tokens, token_range)
+        touched = asyncio.run(touch_tenants(base_url, model, customer_ids[:phase.tenants], prompt,
+                                            args.request_timeout))
+        out["touch"] = {"seconds": time.monotonic() - touch_start, "tenants": len(touched),
+                        "errors": sum(not r.ok for r in touched)}
+        progress(f"phase {phase.name}: {len(touched)} tenants' adapters loaded in {out['touch']['seconds']:.1f} s"
+                 + (f", {out['touch']['errors']} errors" if out["touch"]["errors"] else ""))
     procs = _client_procs(args, phase)
     start_at = time.monotonic() + 0.5  # lets every worker pick up its share before the first request
     w0 = start_at + args.warmup
@@ -359,7 +378,7 @@ def _run_phase(args, pool, phase: Phase, base_url: str, model: str, customer_ids
     spec = LoadSpec(url=f"{base_url}/v1/completions", model=model, tenants=tuple(customer_ids[:phase.tenants]),
                     concurrency=phase.concurrency, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
                     token_range=token_range, seed=f"{args.seed}/{phase.name}", request_timeout_s=args.request_timeout,
-                    start_at=start_at, stop_issuing_at=w1, cancel_at=cancel_at)
+                    start_at=start_at, stop_issuing_at=w1, cancel_at=cancel_at, stagger=not args.no_stagger)
     progress(f"phase {phase.name}: {phase.concurrency} clients, {phase.tenants or 'no'} tenants, "
              f"{args.warmup:g} s warm-up + {args.duration:g} s measured; client processes: {procs}")
     shares = [list(range(p, phase.concurrency, procs)) for p in range(procs)]

@@ -25,8 +25,8 @@ shift
 case "$mode" in
   tests)
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
-    # the KV write test is not marked gpu: it runs under the interpreter in CI, on CUDA here
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kv_write.py 2>&1 | tee "$OUT/gpu_tests.log"
+    # the KV write and fused elementwise tests are not marked gpu: the CPU interpreter in CI, CUDA here
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kv_write.py tests/test_fused_elementwise.py 2>&1 | tee "$OUT/gpu_tests.log"
     timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
       tests/test_paged_attention_gpu.py tests/test_fused_elementwise_gpu.py tests/test_engine_gpu.py tests/test_lora_forward_gpu.py \
       tests/test_lora_kernels_gpu.py -k "not sweep" "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"

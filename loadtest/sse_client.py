@@ -57,6 +57,7 @@ class LoadSpec:
     start_at: float  # monotonic times: clients start, stop issuing, and are cancelled
     stop_issuing_at: float
     cancel_at: float
+    stagger: bool = True  # the first request of client i asks for 1 + i * max_tokens / concurrency tokens
 
 
 def completion_body(model: str, prompt: list[int], max_tokens: int) -> dict:
@@ -151,6 +152,19 @@ async def one_request(base_url: str, model: str, prompt: list[int], max_tokens: 
     return rec
 
 
+async def touch_tenants(base_url: str, model: str, tenants: list[str], prompt: list[int], timeout_s: float,
+                        parallel: int = 16) -> list[RequestRecord]:
+    """One one-token request per tenant, `parallel` at a time: before a phase, so that its
+    adapters are loaded (the phase then measures the steady state, not first loads from disk)."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def touch(tenant: str) -> RequestRecord:
+        async with gate:
+            return await one_request(base_url, model, prompt, 1, tenant, timeout_s)
+
+    return await asyncio.gather(*(touch(t) for t in tenants))
+
+
 # --- the closed loop (runs in worker processes)
 
 def run_clients(spec: LoadSpec, client_ids: list[int]) -> dict:
@@ -185,7 +199,11 @@ async def _client_loop(client: httpx.AsyncClient, spec: LoadSpec, client_id: int
         prompt = random_prompt(f"{spec.seed}/{n}", spec.prompt_tokens, spec.token_range)
         rec = RequestRecord(start=time.monotonic(), tenant=tenant)
         records.append(rec)
-        await stream_completion(client, url, completion_body(spec.model, prompt, spec.max_tokens), headers, rec)
+        # the first wave's lengths are staggered (1 .. max_tokens over the clients), so that clients
+        # finish, and their next prompts arrive, spread over the steps as in a server's steady state,
+        # not all in the same step for the whole phase
+        max_tokens = spec.max_tokens if k or not spec.stagger else 1 + client_id * spec.max_tokens // spec.concurrency
+        await stream_completion(client, url, completion_body(spec.model, prompt, max_tokens), headers, rec)
         k += 1
         if rec.error is not None:
             await asyncio.sleep(min(MAX_BACKOFF_S, rec.retry_after or ERROR_BACKOFF_S))

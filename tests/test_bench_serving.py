@@ -68,6 +68,9 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path, default_model_dir):
         assert phase["roofline"]["step_s"] > 0
     assert phases["tenants2@2"]["server"]["distinct_adapters_mean"] > 0  # the adapters were really applied
     assert phases["base@2"]["server"]["distinct_adapters_mean"] == 0
+    assert phases["tenants2@2"]["touch"] == {"seconds": phases["tenants2@2"]["touch"]["seconds"], "tenants": 2,
+                                             "errors": 0}  # both adapters loaded before the phase
+    assert "touch" not in phases["base@2"] and result["settings"]["stagger_first_wave"] is True
     assert any(t["phase"] == "tenants2@2" and t["name"].startswith("tokens/s") for t in result["targets"])
     assert any(t["phase"] == "base@2" and t["name"].startswith("engine-alone closed loop") for t in result["targets"])
     assert "tenants2@2" in proc.stdout  # the table

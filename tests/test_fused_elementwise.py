@@ -19,7 +19,9 @@ pytest.importorskip("triton", reason="triton is not installed")
 import kernels  # noqa: E402
 from kernels.triton_activation import silu_and_mul, silu_and_mul_reference  # noqa: E402
 from kernels.triton_norm import rms_norm, rms_norm_reference  # noqa: E402
-from kernels.triton_rope import apply_rope_qk, apply_rope_qk_reference  # noqa: E402
+from kernels.attention_reference import write_kv_reference  # noqa: E402
+from kernels.triton_kv_write import write_kv  # noqa: E402
+from kernels.triton_rope import apply_rope_and_write_kv, apply_rope_qk, apply_rope_qk_reference  # noqa: E402
 from tests.kernel_checks import assert_matches  # noqa: E402  (the tolerances, in one place)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,6 +117,58 @@ def test_rope_matches_the_reference(q_heads, kv_heads, head_dim, theta, slow_fac
     q_new, k_new = apply_rope_qk(q, k, positions, inv_freq)
     assert q_new.is_contiguous() and k_new.is_contiguous()
     assert torch.equal(q_new, q_out) and torch.equal(k_new, k_out)
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(4, 2, 16), (3, 1, 64), (8, 8, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_the_cache_write_stores_what_the_two_kernels_store(q_heads, kv_heads, head_dim, dtype):
+    """The fused launch against rope then the KV write (Triton, bit for bit) and against the
+    references (the rope tolerance): q returned, k rotated and v copied into their slots, every
+    other slot of the caches untouched, padding tokens (-1) writing nothing."""
+    gen = torch.Generator().manual_seed(q_heads * 31 + head_dim)
+    num_tokens, num_blocks, block_size = 21, 7, 4
+    positions = torch.randint(0, 8192, (num_tokens,), generator=gen, dtype=torch.int32).to(DEVICE)
+    inv_freq = _inv_freq(head_dim, 10000.0)
+    qkv, q, k = _qkv(gen, num_tokens, q_heads, kv_heads, head_dim, dtype)
+    v = qkv[:, (q_heads + kv_heads) * head_dim :].view(num_tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(torch.int32)
+    slots[[0, 7, 20]] = -1
+    slots = slots.to(DEVICE)
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = randn(gen, *cache_shape, dtype=dtype), randn(gen, *cache_shape, dtype=dtype)
+    k_two, v_two = k_cache.clone(), v_cache.clone()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    before = qkv.clone()
+
+    q_fused = apply_rope_and_write_kv(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
+    q_two, k_rot = apply_rope_qk(q, k, positions, inv_freq)
+    write_kv(k_two, v_two, slots, k_rot, v)
+    assert torch.equal(q_fused, q_two)
+    assert torch.equal(k_cache, k_two) and torch.equal(v_cache, v_two)
+    assert torch.equal(qkv, before)
+
+    q_expected, k_expected = apply_rope_qk_reference(q, k, positions, inv_freq)
+    write_kv_reference(k_ref, v_ref, slots, k_expected, v)
+    assert_matches(q_fused, q_expected, scale=_pair_magnitude(q))
+    assert_matches(k_cache, k_ref, scale=_pair_magnitude(k_ref))
+    assert torch.equal(v_cache, v_ref)
+    # through the dispatcher (the model's call): the same on CUDA, the references on the CPU
+    k_again, v_again = k_ref.clone(), v_ref.clone()
+    q_again = kernels.apply_rope_and_write_kv(q, k, v, positions, inv_freq, k_again, v_again, slots)
+    assert_matches(q_again, q_expected, scale=_pair_magnitude(q))
+    assert_matches(k_again, k_ref, scale=_pair_magnitude(k_ref))
+    assert torch.equal(v_again, v_ref)
+
+
+def test_rope_with_the_cache_write_refuses_mismatched_caches():
+    gen = torch.Generator().manual_seed(3)
+    qkv, q, k = _qkv(gen, 5, 2, 1, 16, torch.float32)
+    v = k.clone()
+    positions = torch.arange(5, dtype=torch.int32, device=DEVICE)
+    cache = torch.zeros(2, 4, 2, 16, device=DEVICE)  # two kv heads, k has one
+    with pytest.raises(ValueError, match="caches"):
+        apply_rope_and_write_kv(q, k, v, positions, _inv_freq(16, 10000.0), cache, cache.clone(),
+                                torch.zeros(5, dtype=torch.int32, device=DEVICE))
 
 
 def test_rope_in_place_rotates_q_and_k_and_leaves_v():

@@ -36,6 +36,6 @@ class KVCache:
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (T, kv_heads, head_dim) at flat slots (T,) = block * block_size + offset; -1 skips."""
-        kernels.write_kv(self.k[layer], self.v[layer], slot_mapping, k, v)
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (k, v) storage, (num_blocks, block_size, num_kv_heads, head_dim) each."""
+        return self.k[layer], self.v[layer]

@@ -85,10 +85,11 @@ class Attention(nn.Module):
     def forward(self, x, rope: RotaryEmbedding, kv_cache: KVCache, attn: AttentionMeta, lora: LoRABatchMeta | None):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x, lora).split(self.qkv_proj.out_sizes, dim=-1)
-        # q, k: strided views of the fused output, rotated into new (T, nh, hd) and (T, nkv, hd) tensors
-        q, k = rope(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim))
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        kv_cache.write(self.layer, attn.slot_mapping, k, v)
+        # q, k, v: strided views of the fused output; q rotated into a new (T, nh, hd) tensor, k
+        # rotated and v copied into the KV cache at the tokens' slots
+        q = rope.rotate_and_cache(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                                  v.view(T, self.num_kv_heads, self.head_dim), *kv_cache.layer(self.layer),
+                                  attn.slot_mapping)
         out = paged_attention(q, kv_cache, self.layer, attn, self.scale)  # (T, nh, hd)
         return self.o_proj(out.reshape(T, -1), lora)
 

@@ -61,3 +61,10 @@ class RotaryEmbedding:
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (T, heads, head_dim), k (T, kv_heads, head_dim), strided views allowed -> rotated, new tensors."""
         return kernels.apply_rope_qk(q, k, self.positions, self.inv_freq, self.cos_sin)
+
+    def rotate_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotates q (returned, a new tensor) and k; k and v go into one layer's caches at the
+        tokens' slots (-1: none). One launch on CUDA."""
+        return kernels.apply_rope_and_write_kv(q, k, v, self.positions, self.inv_freq, k_cache, v_cache,
+                                               slot_mapping, self.cos_sin)
