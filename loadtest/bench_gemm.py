@@ -84,8 +84,6 @@ def bench_shape(k: int, n: int, rows: list[int], device, copy_bw: float) -> list
             if f"{method}_us" in row:
                 row[f"{method}_frac_copy"] = (n * k * 2 + m * (k + n) * 2) / (row[f"{method}_us"] * 1e-6) / copy_bw
         out.append(row)
-    del weights, transposed
-    torch.cuda.empty_cache()
     return out
 
 
@@ -104,7 +102,9 @@ def main(argv=None) -> int:
     print(f"{'model':10} {'proj':8} {'rows':>5} {'linear us':>10} {'%':>5} {'mm_t us':>8} {'%':>5} {'lt us':>8} {'%':>5}")
     for model, shapes in SHAPES.items():
         for name, (k, n) in shapes.items():
-            for row in bench_shape(k, n, rows, device, copy_bw):
+            measured = bench_shape(k, n, rows, device, copy_bw)
+            torch.cuda.empty_cache()  # the shape's weight copies, freed on return
+            for row in measured:
                 report["shapes"].append(dict(model=model, proj=name, in_features=k, out_features=n, **row))
                 lt = row.get("linear_lt_us", float("nan"))
                 print(f"{model:10} {name:8} {row['rows']:5} {row['linear_us']:10.1f} "

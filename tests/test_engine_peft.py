@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
-from tests.peft_helpers import LORA_CONFIGS, make_peft_model, save_adapter
+from tests.peft_helpers import make_peft_model, save_adapter
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NUM_TOKENS = 32

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-
 
 class KVCache:
     def __init__(
