@@ -8,7 +8,8 @@ sampling with the read-back, postprocess), medians over 20 steps; then the torch
 kernels over 5 steps, grouped by kernel, as a share of the step; and mixed steps (the batch's
 decodes plus one 128-token prefill, a mixed graph): their median, and one profiled (host vs GPU, its
 kernels). --compare-mixed-attention: the mixed steps again with the attention of a mixed batch in
-one launch instead of two (kernels/triton_attention.py). Writes engine_profile_h200.json.
+one launch instead of two (kernels/triton_attention.py). Writes engine_profile_h200.json
+(engine_profile_cublas_h200.json with --blas cublas).
 """
 
 from __future__ import annotations
@@ -126,15 +127,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--compare-mixed-attention", action="store_true",
                         help="then the mixed steps again with attention in one launch (graphs recaptured)")
+    parser.add_argument("--blas", default="auto", choices=["auto", "cublas", "cublaslt"],
+                        help="the GEMM library (server setting blas_library); the JSON's name says which")
     args = parser.parse_args()
     batch = args.batch
-    settings = Settings(device="cuda", dtype="bfloat16", max_loras=batch + 8, max_lora_rank=RANK,
+    settings = Settings(device="cuda", dtype="bfloat16", max_loras=batch + 8, max_lora_rank=RANK, blas_library=args.blas,
                         max_num_seqs=batch + 8, num_kv_blocks=(batch + 8) * 512 // 16, max_model_len=1024)
     model = random_model(LLAMA2_7B, torch.bfloat16, "cuda")
     engine = Engine(model, StubTokenizer(), settings)
     for i in range(batch):
         engine.add_adapter(f"t{i}", random_adapter(model.config, RANK, QKVO, seed=i, device="cuda"))
-    report = {"command": "PYTHONPATH=. python3 loadtest/profile_engine_step.py", "batch": batch,
+    report = {"command": "PYTHONPATH=. python3 loadtest/profile_engine_step.py", "batch": batch, "blas": args.blas,
               "device": torch.cuda.get_device_name(), "cases": {}}
     for case, adapters in (("base", [None] * batch), ("adapters", [f"t{i}" for i in range(batch)])):
         start_batch(engine, adapters)
@@ -169,7 +172,8 @@ def main() -> None:
             for row in mixed["kernels"][:6]:
                 print(f"   mixed {row['us_per_step']:9.1f} us {row['share']:6.1%} x{row['calls_per_step']:<4} {row['kernel']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "engine_profile_h200.json").write_text(json.dumps(report, indent=2))
+    name = "engine_profile_h200.json" if args.blas == "auto" else f"engine_profile_{args.blas}_h200.json"
+    Path(args.out, name).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
