@@ -51,7 +51,7 @@ DTYPE = torch.bfloat16
 class Case:
     """One layer's inputs for a scenario: the kernel's int32 metadata and the baseline's host lists."""
 
-    def __init__(self, model: str, scenario: str, device, seed=0):
+    def __init__(self, model: str, scenario: str, device, seed=0, layout: str = "nhd"):
         heads, kv_heads, head_dim = MODELS[model]
         num_seqs, ctx, n = SCENARIOS[scenario]
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -60,6 +60,9 @@ class Case:
         shape = (num_blocks, PAGE, kv_heads, head_dim)
         self.k_cache = torch.randn(shape, generator=gen, device=device).to(DTYPE)
         self.v_cache = torch.randn(shape, generator=gen, device=device).to(DTYPE)
+        if layout == "hnd":  # each head's page stored contiguously; the same logical (block, slot, head, dim) view
+            self.k_cache = self.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+            self.v_cache = self.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
         physical = torch.randperm(num_blocks, generator=gen, device=device)[: num_seqs * pages_per_seq]
         self.tables_long = physical.view(num_seqs, pages_per_seq)  # (B, pages) int64, the baseline's
         self.block_tables = self.tables_long.int()
@@ -139,10 +142,10 @@ def median_us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
 
 
-def bench_case(model, scenario, device, copy_bw) -> dict:
+def bench_case(model, scenario, device, copy_bw, layout="nhd") -> dict:
     import kernels.triton_attention as triton_attention
 
-    case = Case(model, scenario, device)
+    case = Case(model, scenario, device, layout=layout)
     cfg = case.config()
     ours, ref = case.ours(), case.torch_gather_sdpa()
     diff = float((ours.float() - ref.float()).abs().max())
@@ -182,7 +185,7 @@ def tune(args, device) -> int:
     for model, scenario in itertools.product(MODELS, SCENARIOS if args.only else TUNE_SCENARIOS):
         if args.only and args.only not in f"{model}/{scenario}":
             continue
-        case = Case(model, scenario, device)
+        case = Case(model, scenario, device, layout=args.layout)
         default = case.config()
         want = case.torch_gather_sdpa().float()
         results = []
@@ -201,7 +204,8 @@ def tune(args, device) -> int:
               f"{best.get('config')}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("attention_tune_dry_run.json" if args.dry_run else "attention_tune_h200.json")
+    suffix = "" if args.layout == "nhd" else f"_{args.layout}"
+    path = out / ("attention_tune_dry_run.json" if args.dry_run else f"attention_tune{suffix}_h200.json")
     path.write_text(json.dumps(report, indent=1))
     return 0
 
@@ -212,6 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="run only cases whose 'model/scenario' contains this")
     parser.add_argument("--tune", action="store_true", help="sweep launch configurations on key cases instead")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
+    parser.add_argument("--layout", default="nhd", choices=["nhd", "hnd"],
+                        help="KV cache storage: pages of (slot, head, dim) (the server's) or (head, slot, dim)")
     args = parser.parse_args(argv)
     global MODELS, SCENARIOS, TUNE_SCENARIOS
     if args.dry_run:
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
     for model, scenario in itertools.product(MODELS, SCENARIOS):
         if args.only and args.only not in f"{model}/{scenario}":
             continue
-        row = bench_case(model, scenario, device, copy_bw)
+        row = bench_case(model, scenario, device, copy_bw, args.layout)
         report["cases"].append(row)
         nosplit = f"{row['ours_nosplit_us']:10.1f}" if "ours_nosplit_us" in row else " " * 10
         print(f"{model:10} {scenario:15} {row['ours_us']:8.1f} {row['ours_GBps']:6.0f} "
@@ -249,7 +255,8 @@ def main(argv=None) -> int:
     report["wall_s"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("attention_bench_dry_run.json" if args.dry_run else "attention_bench_h200.json")
+    suffix = "" if args.layout == "nhd" else f"_{args.layout}"
+    path = out / ("attention_bench_dry_run.json" if args.dry_run else f"attention_bench{suffix}_h200.json")
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path} in {report['wall_s']:.0f} s", flush=True)
     return 0
