@@ -81,6 +81,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="queued and running generations of one tenant (default 0: no bound)")
     p.add_argument("--max-connections", type=int,
                    help="open connections at once, past which uvicorn answers 503 (default 4096; 0: no bound)")
+    p.add_argument("--drain-seconds", type=float,
+                   help="after SIGTERM: how long requests in flight may finish (not ready, new requests 503) "
+                        "before the rest end with an error and the server exits 0 (default 20)")
     p.add_argument("--max-request-seconds", type=float,
                    help="a generation request's deadline from its arrival (default 600; clients may ask for less "
                         "with X-Request-Timeout; 0: none)")
@@ -100,7 +103,7 @@ SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapt
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
                   "max_queued_requests_per_tenant", "max_requests_per_tenant", "max_queued_tokens",
-                  "max_queued_tokens_per_tenant", "max_request_seconds", "max_connections")
+                  "max_queued_tokens_per_tenant", "max_request_seconds", "max_connections", "drain_seconds")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:
@@ -112,7 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from server.api.app import create_app, uvicorn_limits
+    from server.api.app import create_app, stop_engine_of, uvicorn_limits
+    from server.api.drain import DrainingServer
     from server.model.prepare import ModelPreparationError, prepare_model
 
     try:
@@ -125,8 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if not settings.admin_token:
         print("loraplex: the admin API is disabled; set LORAPLEX_ADMIN_TOKEN to upload adapters", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10,
-                **uvicorn_limits(settings))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=10, **uvicorn_limits(settings))
+    DrainingServer(config, app.state.drain, lambda: stop_engine_of(app)).run()  # SIGTERM: drain, then exit 0
     return 0
 
 

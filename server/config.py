@@ -97,6 +97,9 @@ class Settings:
     max_upload_bytes: int = 1 << 30  # LORAPLEX_MAX_UPLOAD_BYTES: one adapter upload (both files)
     max_request_body_bytes: int = 16 << 20  # LORAPLEX_MAX_REQUEST_BODY_BYTES: any other request's body (413 past it)
     max_connections: int = 4096  # LORAPLEX_MAX_CONNECTIONS: uvicorn answers 503 past this many at once; 0 = no bound
+    # LORAPLEX_DRAIN_SECONDS: after SIGTERM, how long requests in flight may run on (not ready, new requests
+    # 503) before the rest end with an error and the server exits (server/api/drain.py)
+    drain_seconds: float = 20.0
     max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
     # the loraplex_* originals; comma-separated, "none" = do not export. Defaults: vLLM's names (the EPP's).
@@ -136,6 +139,8 @@ class Settings:
             raise ValueError("kv_block_size must be >= 1")
         if self.async_scheduling not in {"auto", "on", "off"}:
             raise ValueError(f"async_scheduling must be auto, on or off, not {self.async_scheduling!r}")
+        if self.drain_seconds < 0:
+            raise ValueError("drain_seconds must be >= 0")
         if self.blas_library not in {"auto", "cublas", "cublaslt"}:
             raise ValueError(f"blas_library must be auto, cublas or cublaslt, not {self.blas_library!r}")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:

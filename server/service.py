@@ -127,6 +127,11 @@ class Service:
         self.loop.stop()
         self.cache.close()
 
+    def stop_engine(self) -> None:
+        """Stop the engine loop (blocking): every open stream ends with an error event saying the
+        server is shutting down. Nothing runs afterwards; `stop()` is still due."""
+        self.loop.stop()
+
     # --- health
     def is_ready(self) -> bool:
         return self.loop.is_alive and time.monotonic() - self.loop.last_step_at < STALLED_AFTER_S

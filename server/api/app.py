@@ -2,7 +2,7 @@
 
 Everything heavy is built in `lifespan` (model load, engine thread, adapter store and cache:
 `Service.start`) and kept on `app.state`; shutdown stops the engine loop, which ends every open
-stream. One router per area: completions (OpenAI-compatible inference), admin (adapters), ops
+stream (after a drain, when the server runs under server/api/drain.py's DrainingServer). One router per area: completions (OpenAI-compatible inference), admin (adapters), ops
 (health, readiness, metrics). Errors are mapped to OpenAI's envelope in server/api/errors.py.
 """
 
@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api.auth import ApiKeys
+from server.api.drain import Drain, DrainMiddleware
 from server.api.errors import error_body, install_error_handlers
 from server.api.routers import admin, completions, ops
 from server.config import Settings
@@ -50,8 +51,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.api_keys = api_keys
     app.state.service = None
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
+    app.state.drain = Drain(settings.drain_seconds)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_request_body_bytes, exempt_prefix=admin.UPLOAD_PREFIX)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(RequestCounter, metrics=metrics)
     app.include_router(completions.router)
     app.include_router(admin.router)
@@ -81,6 +84,13 @@ class RequestCounter:
         finally:
             route = scope.get("route")
             self.metrics.count_http(getattr(route, "path", "unmatched"), status)
+
+
+def stop_engine_of(app: FastAPI) -> None:
+    """The drain's last resort: end the app's open streams (blocking; nothing if not started)."""
+    service = app.state.service
+    if service is not None:
+        service.stop_engine()
 
 
 def uvicorn_limits(settings: Settings) -> dict:

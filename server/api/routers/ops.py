@@ -19,7 +19,11 @@ def health() -> dict:
 
 @router.get("/ready")
 def ready(request: Request) -> JSONResponse:
-    """The model is loaded and the engine loop is running and making progress."""
+    """The model is loaded and the engine loop is running and making progress (503 while
+    loading, stalled, or draining before shutdown)."""
+    drain = getattr(request.app.state, "drain", None)
+    if drain is not None and drain.active:
+        return JSONResponse({"status": "draining"}, status_code=503)
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
