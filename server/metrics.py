@@ -226,6 +226,8 @@ def _cache_metrics(stats):
     yield seconds
     yield _counter("loraplex_adapter_load_failures", "Adapter loads that failed", stats.load_failures)
     yield _gauge("loraplex_adapter_loads_in_flight", "Adapter loads running now", stats.loading)
+    yield _gauge("loraplex_adapters_pinned", "Adapters pinned in device slots by the requests running now "
+                 "(a pinned adapter is never evicted)", stats.pinned)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

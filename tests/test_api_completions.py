@@ -337,6 +337,20 @@ def test_leaving_a_stream_aborts_its_sequence(http, base_name):
     _wait_until_idle(http)  # 500 tokens would take far longer
 
 
+def test_a_tenant_stream_left_early_frees_its_blocks_and_adapter_pin_within_a_step(http, uploaded, base_name):
+    body = {"model": base_name, "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body, headers={"X-Customer-Id": "alpha"}) as response:
+        next(line for line in response.iter_lines() if line)
+        running = _metrics(http)
+        assert running[("loraplex_adapters_pinned", ())] == 1 and running[("loraplex_kv_cache_usage_ratio", ())] > 0
+        steps_at_close = running[("loraplex_engine_steps_total", ())]
+    _wait_until_idle(http)
+    idle = _metrics(http)
+    assert idle[("loraplex_adapters_pinned", ())] == 0
+    # freed by the abort, applied before the engine's next step: not by the 500 tokens running out
+    assert idle[("loraplex_engine_steps_total", ())] - steps_at_close <= 5
+
+
 def test_a_client_that_gives_up_aborts_its_request(server, http, base_name):
     body = {"model": base_name, "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):

@@ -102,6 +102,7 @@ class CacheStats:
     load_seconds: dict[str, float]  # source -> total seconds of those loads
     load_failures: int
     loading: int  # loads in flight now
+    pinned: int = 0  # adapters pinned in device slots by running sequences now
 
 
 @dataclass
@@ -298,7 +299,8 @@ class AdapterCache:
                              self._host.adapter_bytes)
             device = TierStats(c.device_queries, c.device_hits, c.device_evictions, self._slots.num_resident,
                                sum(self._device_bytes.values()))
-            return CacheStats(host, device, dict(c.loads), dict(c.load_seconds), c.load_failures, len(self._loading))
+            return CacheStats(host, device, dict(c.loads), dict(c.load_seconds), c.load_failures, len(self._loading),
+                              len(self._pins))
 
     # --- internals
     def _load(self, key: AdapterKey, token: object) -> None:
