@@ -241,12 +241,20 @@ def test_an_adapter_damaged_on_disk_fails_its_request_not_the_server(server, htt
     assert _put(http, "fragile", *adapter_files(model_config, rank=4)).status_code == 201
     weights = server.settings.adapter_store_dir / "fragile" / "v1" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # same size, different sha256
+    failures_before = _load_failures(http)
     body = {"prompt": "Hello", "max_tokens": 2}
     error = _assert_error(http.post("/v1/completions", json=body, headers={"X-Customer-Id": "fragile"}), 500,
                           "failed to load")
     assert error["code"] == "generation_failed"
+    assert _load_failures(http) == failures_before + 1  # the operator sees it on the dashboard
     assert http.post("/v1/completions", json=body).status_code == 200
     assert http.get("/ready").status_code == 200
+
+
+def _load_failures(http) -> float:
+    line = next(line for line in http.get("/metrics").text.splitlines()
+                if line.startswith("loraplex_adapter_load_failures_total "))
+    return float(line.split()[1])
 
 
 def test_upload_metrics_count_by_result(http):
