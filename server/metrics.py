@@ -99,7 +99,7 @@ class Metrics:
             "(queue_full, tenant_queue_full, tenant_concurrency, queued_tokens, tenant_queued_tokens)", ["reason"], registry=registry)
         self.adapter_uploads = Counter(
             "loraplex_adapter_uploads", "Adapter uploads by result (stored, invalid_customer_id, invalid_adapter, "
-            "too_large, bad_request, error)", ["result"], registry=registry)
+            "too_large, store_full, bad_request, error)", ["result"], registry=registry)
         self.build_info = Gauge(
             "loraplex_build_info", "Always 1; labels describe the build and the served configuration",
             ["version", "model", "device", "dtype", "max_loras", "max_lora_rank", "max_num_seqs"], registry=registry)

@@ -216,14 +216,13 @@ def test_crash_before_pointer_update_keeps_old_version(tmp_path, adapters, monke
     with pytest.raises(OSError, match="simulated crash"):
         store.put("acme", *adapters["ko_rslora"], validate)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert (tmp_path / "acme" / "v2").is_dir()  # written, never made current
+    assert not (tmp_path / "acme" / "v2").exists()  # written, never made current, removed by the failed put
     assert store.get("acme") == old
     assert not [p for p in (tmp_path / "acme").iterdir() if p.name.startswith(".tmp-")]
 
     restarted = AdapterStore(tmp_path)
     assert restarted.get("acme") == old
-    assert not (tmp_path / "acme" / "v2").exists()
-    assert restarted.put("acme", *adapters["ko_rslora"], validate).version == 3
+    assert restarted.put("acme", *adapters["ko_rslora"], validate).version == 3  # 2 was handed out: never reused
 
 
 def test_concurrent_puts_get_distinct_versions(tmp_path, adapters):

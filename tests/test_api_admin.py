@@ -4,6 +4,7 @@ Tenant API keys and the disabled admin API are checked without loading a model."
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import socket
@@ -249,6 +250,49 @@ def test_an_adapter_damaged_on_disk_fails_its_request_not_the_server(server, htt
     assert _load_failures(http) == failures_before + 1  # the operator sees it on the dashboard
     assert http.post("/v1/completions", json=body).status_code == 200
     assert http.get("/ready").status_code == 200
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fails_at", ["last_version", "adapter_model.safetensors", "current"])
+def test_a_full_disk_during_an_upload_answers_507_and_changes_nothing(server, http, model_config, monkeypatch,
+                                                                    fails_at):
+    """ENOSPC while the version counter is raised, while the weights are written (in the temp
+    dir), or while `current` is replaced (the new version's directory already renamed into
+    place): 507, the adapter still served at
+    its old version, every stored byte as before (but the version counter), no temp files."""
+    from server.lora import store as store_module
+
+    customer = "full-" + fails_at.split(".")[0].replace("_", "-")
+    assert _put(http, customer, *adapter_files(model_config, rank=4)).status_code == 201
+    customer_dir = server.settings.adapter_store_dir / customer
+    before = {k: v for k, v in _tree(customer_dir).items() if k != "last_version"}
+    listing = http.get("/admin/adapters", headers=AUTH).json()
+    real_write = store_module._write_synced
+    small_files = iter(["last_version", "current"])  # a put replaces these two, in this order, via temp files
+
+    def disk_full(path, data):
+        name = path.name
+        if name.startswith(store_module.TEMP_PREFIX) and path.parent == customer_dir:
+            name = next(small_files)
+        if name == fails_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(store_module, "_write_synced", disk_full)
+    config, weights = adapter_files(model_config, rank=8)
+    response = _put(http, customer, config, weights)
+    error = _assert_error(response, 507, "no space left")
+    assert error["code"] == "insufficient_storage" and error["type"] == "insufficient_storage_error"
+    assert {k: v for k, v in _tree(customer_dir).items() if k != "last_version"} == before
+    assert http.get("/admin/adapters", headers=AUTH).json() == listing
+    body = {"prompt": "Hello", "max_tokens": 2}
+    assert http.post("/v1/completions", json=body, headers={"X-Customer-Id": customer}).status_code == 200
+    assert 'loraplex_adapter_uploads_total{result="store_full"}' in http.get("/metrics").text
+    monkeypatch.setattr(store_module, "_write_synced", real_write)  # space again: the same upload goes through
+    assert _put(http, customer, config, weights).json()["rank"] == 8
 
 
 def _load_failures(http) -> float:

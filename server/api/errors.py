@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.lora.peft import AdapterValidationError
-from server.lora.store import AdapterNotFound, AdapterStoreCorrupt, InvalidCustomerId
+from server.lora.store import AdapterNotFound, AdapterStoreCorrupt, AdapterStoreFull, InvalidCustomerId
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ _TYPE_BY_STATUS = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
     415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-    503: "service_unavailable_error", 504: "timeout_error",
+    503: "service_unavailable_error", 504: "timeout_error", 507: "insufficient_storage_error",
 }
 
 
@@ -86,6 +86,10 @@ class DeadlineExceeded(APIError):
     status_code, default_code = 504, "deadline_exceeded"
 
 
+class InsufficientStorage(APIError):
+    status_code, default_code = 507, "insufficient_storage"
+
+
 class InternalError(APIError):
     status_code, default_code = 500, "internal_error"
 
@@ -110,6 +114,8 @@ def to_api_error(exc: Exception) -> APIError:
         return NotFound(str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterValidationError):
         return BadRequest(f"invalid adapter: {exc}", code="invalid_adapter", param=exc.field)
+    if isinstance(exc, AdapterStoreFull):
+        return InsufficientStorage(str(exc))
     if isinstance(exc, AdapterStoreCorrupt):
         return InternalError(str(exc), code="adapter_store_corrupt")
     log.error("unexpected error", exc_info=exc)

@@ -16,6 +16,9 @@ complete version, or absent. At start the store removes `.tmp-` leftovers and ev
 that is not current (a crashed put's orphan, versions replaced or deleted before the restart):
 no reader exists yet.
 
+A put that fails part-way (a full disk: AdapterStoreFull) removes what it wrote, and `current`
+stays as it was; only `last_version` may have moved on (numbers are never reused anyway).
+
 Version numbers rise per customer and are never reused, also across delete and re-upload and
 across a crash: `last_version` is raised (atomically) before a new version dir can appear and
 survives delete, and the next number is 1 + max(last_version, highest v<N> dir).
@@ -39,6 +42,7 @@ a file rewritten within one tick of the filesystem's clock can keep its mtime an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -78,6 +82,17 @@ class InvalidCustomerId(ValueError):
 class AdapterNotFound(KeyError):
     def __str__(self) -> str:  # KeyError would print the repr of its message
         return str(self.args[0]) if self.args else ""
+
+
+class AdapterStoreFull(OSError):
+    """The disk (or the quota) filled up during a put; the put left nothing behind."""
+
+    def __init__(self, customer_id: str, cause: OSError):
+        super().__init__(cause.errno, f"no space left in the adapter store for customer {customer_id!r}'s upload "
+                                      f"({os.strerror(cause.errno)}); nothing was changed")
+
+
+_STORE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class AdapterStoreCorrupt(RuntimeError):
@@ -229,7 +244,6 @@ class AdapterStore:
                 customer_dir.mkdir()
                 _fsync_dir(self.root)
             version = self._next_version(customer_id)
-            _write_atomic(customer_dir / LAST_VERSION_FILE, f"{version}\n".encode())
             record = AdapterRecord(
                 customer_id=customer_id, version=version, sha256=hashlib.sha256(weights_bytes).hexdigest(),
                 bytes=len(config_bytes) + len(weights_bytes), rank=adapter.rank, alpha=float(adapter.alpha),
@@ -237,20 +251,34 @@ class AdapterStore:
                 created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 path=self._version_dir(customer_id, version),
             )
-            temp_dir = customer_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-            temp_dir.mkdir()
             try:
-                for name, data in ((CONFIG_FILE, config_bytes), (WEIGHTS_FILE, weights_bytes),
-                                   (METADATA_FILE, json.dumps(record.to_dict(), indent=1).encode())):
-                    _write_synced(temp_dir / name, data)
-                _fsync_dir(temp_dir)
-                os.rename(temp_dir, record.path)
-            except BaseException:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+                _write_atomic(customer_dir / LAST_VERSION_FILE, f"{version}\n".encode())
+                self._write_version(customer_dir, record, config_bytes, weights_bytes)
+            except OSError as e:
+                if e.errno in _STORE_FULL_ERRNOS:
+                    raise AdapterStoreFull(customer_id, e) from e
                 raise
-            _fsync_dir(customer_dir)
-            _write_atomic(customer_dir / CURRENT_FILE, f"{version}\n".encode())
         return record
+
+    def _write_version(self, customer_dir: Path, record: AdapterRecord, config_bytes: bytes,
+                       weights_bytes: bytes) -> None:
+        """The version's files into a temp dir, renamed to v<N>, then `current`; on an error
+        (a full disk) every file it wrote is removed again and `current` is as it was."""
+        temp_dir = customer_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        temp_dir.mkdir()
+        renamed = False
+        try:
+            for name, data in ((CONFIG_FILE, config_bytes), (WEIGHTS_FILE, weights_bytes),
+                               (METADATA_FILE, json.dumps(record.to_dict(), indent=1).encode())):
+                _write_synced(temp_dir / name, data)
+            _fsync_dir(temp_dir)
+            os.rename(temp_dir, record.path)
+            renamed = True
+            _fsync_dir(customer_dir)
+            _write_atomic(customer_dir / CURRENT_FILE, f"{record.version}\n".encode())
+        except BaseException:
+            shutil.rmtree(record.path if renamed else temp_dir, ignore_errors=True)
+            raise
 
     def delete(self, customer_id: str) -> AdapterRecord:
         """Hide the customer's adapter at once (removes `current`); its files wait for `prune`.

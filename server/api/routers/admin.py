@@ -31,7 +31,7 @@ CONFIG_PART = "adapter_config"
 WEIGHTS_PART = "adapter_model"
 MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json is a few hundred bytes; 1 MiB is generous
 _UPLOAD_RESULTS = {"invalid_customer_id": "invalid_customer_id", "invalid_adapter": "invalid_adapter",
-                   "payload_too_large": "too_large"}
+                   "payload_too_large": "too_large", "insufficient_storage": "store_full"}
 
 
 @router.put("/adapters/{customer_id:path}", status_code=201)
