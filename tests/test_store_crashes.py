@@ -18,7 +18,6 @@ import signal
 import time
 from types import SimpleNamespace
 
-import pytest
 
 from server.lora.store import TEMP_PREFIX, AdapterNotFound, AdapterStore
 
