@@ -18,7 +18,6 @@ import signal
 import time
 from types import SimpleNamespace
 
-
 from server.lora.store import TEMP_PREFIX, AdapterNotFound, AdapterStore
 
 KILL_TRIALS = int(os.environ.get("LORAPLEX_KILL_TRIALS", "40"))
