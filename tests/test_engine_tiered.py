@@ -21,7 +21,7 @@ NUM_REQUESTS = 64
 POOL_SLOTS = 4
 
 
-def peft_files(model_config, rank: int, seed: int) -> tuple[bytes, bytes]:
+def peft_files(model_config, rank: int, seed: int, scale: float = 0.05) -> tuple[bytes, bytes]:
     """adapter_config.json and adapter_model.safetensors in peft's layout, random weights."""
     gen = torch.Generator().manual_seed(seed)
     shapes = model_config.linear_shapes()
@@ -31,7 +31,7 @@ def peft_files(model_config, rank: int, seed: int) -> tuple[bytes, bytes]:
             fan_in, fan_out = shapes[module]
             prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.05
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * scale
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj", "down_proj"], "bias": "none"}
     return json.dumps(config).encode(), save(tensors)
 
