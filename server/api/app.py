@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from server.api.auth import ApiKeys
 from server.api.drain import Drain, DrainMiddleware
 from server.api.errors import error_body, install_error_handlers
+from server.api.openapi import install_openapi
 from server.api.routers import admin, completions, ops
 from server.config import Settings
 from server.metrics import Metrics
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
     app.state.drain = Drain(settings.drain_seconds)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodyLimit, limit=settings.max_request_body_bytes, exempt_prefix=admin.UPLOAD_PREFIX)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(RequestCounter, metrics=metrics)

@@ -137,6 +137,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
+            headers = {"Allow": ", ".join(_allowed_methods(request))}
+            return error_response(405, message, "method_not_allowed", headers=headers)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, message, code, headers=getattr(exc, "headers", None))
 
@@ -145,6 +147,18 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, api_error)  # last resort: still the envelope, never a traceback
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this path (one path may have a route per method)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "__none__"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def describe_validation_error(errors: list[dict]) -> tuple[str, str | None]:

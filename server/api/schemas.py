@@ -1,6 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints (pydantic); responses are built in the routers.
 
-Fields follow OpenAI's API, plus vLLM's `top_k` and `ignore_eos`. Unknown fields are ignored,
+Fields follow OpenAI's API, plus vLLM's `top_k` and `ignore_eos`. Types are strict, as JSON has
+them (no "16" for 16, no false for 0); unknown fields are ignored,
 as OpenAI-compatible servers do (clients send `user`, `metadata`, ...); known features this
 server does not implement are refused with a 400 naming them (`unsupported()`), never
 silently dropped.
@@ -19,11 +20,12 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class GenerationFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None  # the base model's id or a customer's adapter (the customer id)
     max_tokens: int | None = Field(None, ge=1)
@@ -87,13 +89,13 @@ class CompletionRequest(GenerationFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -105,8 +107,10 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ValueError(f"message content of type {part.type!r} is not supported: only text")
+            if part.text is None:
+                raise ValueError("a message content part of type 'text' has no text")
         return "".join(part.text for part in self.content)
 
 
