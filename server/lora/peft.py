@@ -406,11 +406,44 @@ def _read_weights(weights: bytes | Path, max_bytes: int | None) -> dict[str, tor
         raise _fail("adapter_model", f"weights file is {size} bytes, over the {max_bytes} limit")
     if isinstance(weights, os.PathLike):
         weights = Path(weights).read_bytes()
+    duplicate = _duplicate_header_key(weights)
+    if duplicate is not None:  # safetensors would keep the last one: readers could disagree on the file
+        raise _fail("adapter_model", f"adapter_model's safetensors header names tensor {duplicate!r} twice")
     try:
         # safetensors checks header length, JSON, dtypes and that the offsets tile the buffer.
         return load_safetensors(bytes(weights))
     except Exception as e:  # SafetensorError and friends: any malformed file is the uploader's error
         raise _fail("adapter_model", f"adapter_model is not a valid safetensors file: {e}") from None
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _duplicate_header_key(weights: bytes) -> str | None:
+    """A name the safetensors header gives twice, or None (also when the header does not parse:
+    safetensors then says what is wrong)."""
+    if len(weights) < 8:
+        return None
+    length = int.from_bytes(weights[:8], "little")
+    if length > len(weights) - 8:
+        return None
+
+    def no_repeats(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        json.loads(weights[8 : 8 + length], object_pairs_hook=no_repeats)
+    except _Duplicate as e:
+        return str(e.args[0])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _check_tensor(key: str, dtype: torch.dtype, shape: tuple[int, ...], expected: tuple[int, int], *,
