@@ -11,7 +11,8 @@ Every output must equal its tenant's solo reference (for the version its request
 with: the old one if it ended before the replacement began, the new one if it was sent after the
 replacement answered, either one in between), so no tenant ever sees another's canary.
 
-CI runs ISOLATION_REQUESTS requests; `LORAPLEX_ISOLATION_REQUESTS=2000` runs a long version.
+CI runs ISOLATION_REQUESTS requests (LORAPLEX_ISOLATION_REQUESTS, default 160); `make test-slow`
+runs 2,000.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ REPLACED = TENANTS[::8]  # 4 tenants upload a new version mid-run
 PROMPTS = ["The harbour master wrote in the log that", "Recipe for a quiet evening:"]
 MAX_TOKENS = 10
 ISOLATION_REQUESTS = int(os.environ.get("LORAPLEX_ISOLATION_REQUESTS", "160"))
-ARRIVAL_WINDOW_S = max(6.0, ISOLATION_REQUESTS / 25)
+
+
+def _window(num_requests: int) -> float:
+    """Seconds over which the requests arrive (about 25 a second: the CPU keeps up with a queue)."""
+    return max(6.0, num_requests / 25)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +81,16 @@ def _metric(http: httpx.Client, name: str, **labels) -> float:
 
 
 def test_tenants_never_see_each_others_outputs_under_eviction_replacement_and_preemption(server, default_model_dir):
+    _run_churn(server, default_model_dir, ISOLATION_REQUESTS)
+
+
+@pytest.mark.slow
+def test_the_long_churn_too(server, default_model_dir):
+    """`make test-slow`: the same checks over 2,000 requests."""
+    _run_churn(server, default_model_dir, 2000)
+
+
+def _run_churn(server, default_model_dir, num_requests: int) -> None:
     model_config = ModelConfig.from_dir(default_model_dir)
     with httpx.Client(base_url=server.url, timeout=120) as http:
         for i, tenant in enumerate(TENANTS):
@@ -91,10 +106,10 @@ def test_tenants_never_see_each_others_outputs_under_eviction_replacement_and_pr
         evictions_before = _metric(http, "loraplex_adapter_cache_evictions_total", tier="device")
 
         rng = random.Random(7)
-        plan = sorted((rng.uniform(0, ARRIVAL_WINDOW_S), rng.choice([None, *TENANTS]), rng.choice(PROMPTS))
-                      for _ in range(ISOLATION_REQUESTS))
+        plan = sorted((rng.uniform(0, _window(num_requests)), rng.choice([None, *TENANTS]), rng.choice(PROMPTS))
+                      for _ in range(num_requests))
         replacement: dict[str, float] = {}
-        results = asyncio.run(_churn(server.url, plan, replacement, model_config))
+        results = asyncio.run(_churn(server.url, plan, replacement, model_config, num_requests))
 
         new_reference = {(t, p): _solo(http, t, p) for t in REPLACED for p in PROMPTS}
         for t in REPLACED:
@@ -102,7 +117,7 @@ def test_tenants_never_see_each_others_outputs_under_eviction_replacement_and_pr
         preempted = _metric(http, "loraplex_preemptions_total") - preemptions_before
         evicted = _metric(http, "loraplex_adapter_cache_evictions_total", tier="device") - evictions_before
 
-    assert len(results) == ISOLATION_REQUESTS
+    assert len(results) == num_requests
     print(f"{len(results)} requests ({sum(w is None for w, *_ in results)} base), {preempted:.0f} preemptions, "
           f"{evicted:.0f} device evictions, {len(reference) + len(new_reference)} solo references")
     mismatches = []
@@ -123,7 +138,7 @@ def test_tenants_never_see_each_others_outputs_under_eviction_replacement_and_pr
     assert {who for who, *_ in results} >= set(REPLACED)
 
 
-async def _churn(url: str, plan, replacement: dict[str, float], model_config: ModelConfig):
+async def _churn(url: str, plan, replacement: dict[str, float], model_config: ModelConfig, num_requests: int):
     """Send the planned requests at their times, replace REPLACED's adapters halfway; returns
     (tenant, prompt, sent, ended, status, text) per request."""
     start = time.monotonic()
@@ -139,7 +154,7 @@ async def _churn(url: str, plan, replacement: dict[str, float], model_config: Mo
             return who, prompt, sent, time.monotonic(), response.status_code, text
 
         async def replace():
-            await asyncio.sleep(ARRIVAL_WINDOW_S / 2)
+            await asyncio.sleep(_window(num_requests) / 2)
             replacement["started"] = time.monotonic()
             for i, tenant in enumerate(REPLACED):
                 response = await client.put(f"/admin/adapters/{tenant}", files=_adapter_files(model_config, 8, 900 + i),

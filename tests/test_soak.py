@@ -7,6 +7,8 @@ warm-up, so here the memory bound is loose."""
 
 import json
 
+import pytest
+
 from loadtest import soak
 
 
@@ -20,3 +22,12 @@ def test_a_minute_of_mixed_traffic_and_churn_loses_nothing(tmp_path):
                  "bad_request/refused_400"):
         assert outcomes.get(kind, 0) > 0, (kind, outcomes)  # every kind of traffic really ran
     assert code == 0, result
+
+
+@pytest.mark.slow
+def test_ten_minutes_lose_nothing_and_memory_stays_flat(tmp_path):
+    """The full soak (`make test-slow`): the default bounds, memory included."""
+    code = soak.main(["--minutes", "10", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "soak_cpu.json").read_text())
+    assert result["lost"] == 0 and result["server_5xx"] == 0, result["loss_examples"]
+    assert code == 0, {k: result[k] for k in ("memory_mb", "metric_series")}

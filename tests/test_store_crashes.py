@@ -5,7 +5,7 @@ opened as a restarted server opens it, and every customer's adapter must be comp
 the child wrote (its bytes exactly those of that version, its checksum good) or absent, never
 partial; no temp files and no versions other than the current one may remain.
 
-CI runs KILL_TRIALS trials; `LORAPLEX_KILL_TRIALS=500 pytest tests/test_store_crashes.py` runs more.
+CI runs KILL_TRIALS trials (LORAPLEX_KILL_TRIALS, default 40); `make test-slow` runs 500.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import random
 import signal
 import time
 from types import SimpleNamespace
+
+import pytest
 
 from server.lora.store import TEMP_PREFIX, AdapterNotFound, AdapterStore
 
@@ -72,14 +74,15 @@ def check_store_after_restart(root) -> dict[str, int]:
     return found
 
 
-def test_kill_9_during_uploads_never_leaves_a_partial_adapter(tmp_path):
+@pytest.mark.parametrize("trials", [KILL_TRIALS, pytest.param(500, marks=pytest.mark.slow)])
+def test_kill_9_during_uploads_never_leaves_a_partial_adapter(tmp_path, trials):
     context = multiprocessing.get_context("fork")
     rng = random.Random(12)
     root = tmp_path / "store"
     AdapterStore(root)
     seen_versions: dict[str, int] = {}
     killed_mid_put = 0
-    for trial in range(KILL_TRIALS):
+    for trial in range(trials):
         child = context.Process(target=_upload_forever, args=(str(root), trial), daemon=True)
         child.start()
         time.sleep(rng.uniform(0.0, 0.08))
@@ -91,6 +94,6 @@ def test_kill_9_during_uploads_never_leaves_a_partial_adapter(tmp_path):
         for customer, version in found.items():
             assert version >= seen_versions.get(customer, 0), "a restart went back to an older version"
             seen_versions[customer] = version
-    print(f"{KILL_TRIALS} kills, {killed_mid_put} inside a put, versions reached {seen_versions}")
+    print(f"{trials} kills, {killed_mid_put} inside a put, versions reached {seen_versions}")
     assert seen_versions, "no upload ever completed: the kills came too early to test anything"
     assert killed_mid_put > 0, "no kill landed inside a put: the test did not exercise the crash path"
