@@ -55,12 +55,6 @@ device data, so the split count comes from static shapes only: spans past a shor
 empty, and a short-context batch pays the second launch for nothing. SPLIT_KV = False launches
 unsplit (the bench times both). Prefill batches are never split.
 
-Dot-free decode (an experiment, not yet the default): `config` with ROWS=True runs decode
-batches on `_paged_decode_rows_kernel`, one program per (sequence, query head) multiplying on the
-CUDA cores (Nsight Compute put the tl.dot decode at 25% occupancy, 128 registers a thread and
-39 KB of shared memory a program, 43% of stalls on shared memory: loadtest/results). The bench's
---tune times it beside the default.
-
 Not done: programmatic dependent launch (see kernels/triton_shrink.py), fp8 caches, ALiBi or
 logit soft-capping, and a merge done by the last split to arrive instead of a second launch.
 
@@ -200,64 +194,6 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _paged_decode_rows_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_starts_ptr, context_lens_ptr,
-    qk_scale, window,
-    stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_od,
-    stride_bts, stride_btb,
-    NUM_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
-):
-    """Decode without tl.dot (config ROWS=True, an experiment, see `attention_config`): a program
-    per (sequence, query head) multiplies its one query row on the CUDA cores, so nothing is
-    staged in shared memory for an MMA and no 16-row tile pads one row. GQA heads of one kv head
-    read the same keys (from L2 after the first)."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(query_starts_ptr + seq)
-    q_len = tl.load(query_starts_ptr + seq + 1) - q_start
-    if q_len == 1:
-        ctx = tl.load(context_lens_ptr + seq)
-        kv_head = head // NUM_GROUP
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + q_start * stride_qt + head * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0)
-        q = q.to(tl.float32) * qk_scale  # log2 units
-        lo = 0
-        if SLIDING:
-            lo = tl.maximum(ctx - window, 0)
-        m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), 0)
-        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        table = block_tables_ptr + seq.to(tl.int64) * stride_bts
-        kv_mask_d = d_ok[None, :]
-        for start in range(lo, ctx, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            key_ok = pos < ctx
-            page = tl.load(table + (pos // PAGE_SIZE) * stride_btb, mask=key_ok, other=0).to(tl.int64)
-            slot = pos % PAGE_SIZE
-            mask = key_ok[:, None] & kv_mask_d
-            k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
-                        + offs_d[None, :] * stride_kd, mask=mask, other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # (BLOCK_N,)
-            s = tl.where(key_ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
-                        + offs_d[None, :] * stride_vd, mask=mask, other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-            m_i = m_new
-        o = acc / tl.where(l_i > 0, l_i, 1.0)
-        tl.store(out_ptr + q_start * stride_ot + head * stride_oh + offs_d * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
-@triton.jit
 def _merge_splits_kernel(
     ws_acc_ptr, ws_ml_ptr, out_ptr, query_starts_ptr, num_seqs,
     stride_was, stride_wat, stride_wah,
@@ -356,11 +292,6 @@ def launch_paged_attention(q, k_cache, v_cache, block_tables, query_starts, cont
         return attention_config(num_seqs, query_len, num_kv_heads, num_heads // num_kv_heads, head_dim, q.dtype,
                                 q.device)
 
-    if config is not None and config.get("ROWS"):  # the dot-free decode experiment
-        if max_query_len != 1:
-            raise ValueError("the ROWS configuration is for decode batches (max_query_len == 1) only")
-        return _launch_rows(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale, sliding_window, out,
-                            config)
     launch = functools.partial(_launch, q, k_cache, v_cache, block_tables, query_starts, context_lens, scale,
                                sliding_window, out)
     if config is None and max_query_len > 1 and MIXED_TWO_LAUNCHES and num_seqs > 1:
@@ -369,20 +300,6 @@ def launch_paged_attention(q, k_cache, v_cache, block_tables, query_starts, cont
         launch(1, dict(config_for(1), NUM_SPLITS=1), _SINGLE)
         return launch(max_query_len, config_for(max_query_len), _MULTI, prefill_seqs)
     return launch(max_query_len, config or config_for(max_query_len), _ALL)
-
-
-def _launch_rows(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale: float,
-                 sliding_window: int | None, out: torch.Tensor, config: dict) -> torch.Tensor:
-    num_heads, head_dim = q.shape[1:]
-    page_size, num_kv_heads = k_cache.shape[1:3]
-    _paged_decode_rows_kernel[(context_lens.shape[0], num_heads)](
-        q, k_cache, v_cache, out, block_tables, query_starts, context_lens, scale * _LOG2E, sliding_window or 0,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_tables.stride(),
-        NUM_GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE_SIZE=page_size, BLOCK_N=config["BLOCK_N"], SLIDING=sliding_window is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    return out
 
 
 def _launch(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale: float, sliding_window: int | None,

@@ -166,13 +166,10 @@ def bench_case(model, scenario, device, copy_bw, layout="nhd") -> dict:
     return row
 
 
-def tune_candidates(case: Case, rows_only: bool = False) -> list[dict]:
+def tune_candidates(case: Case) -> list[dict]:
     heads, kv_heads = case.q.shape[1], case.k_cache.shape[2]
     group = heads // kv_heads
     base = case.config()
-    if case.max_query_len == 1 and rows_only:  # the dot-free decode kernel (ROWS) alone
-        return [dict(base, ROWS=True, BLOCK_N=bn, num_warps=w, num_stages=st, NUM_SPLITS=1)
-                for bn, w, st in itertools.product((32, 64, 128), (2, 4, 8), (1, 2))]
     if case.max_query_len == 1:
         splits = sorted({1, base["NUM_SPLITS"], 2 * base["NUM_SPLITS"]}) if base["NUM_SPLITS"] > 1 else [1]
         shapes = list(itertools.product((16, 32, 64, 128), (2, 4, 8), (2, 3, 4)))
@@ -192,7 +189,7 @@ def tune(args, device) -> int:
         default = case.config()
         want = case.torch_gather_sdpa().float()
         results = []
-        for cfg in tune_candidates(case, args.rows_only):
+        for cfg in tune_candidates(case):
             try:
                 ok = float((case.ours_with(cfg).float() - want).abs().max()) < 3e-2
                 results.append(dict(config=cfg, us=median_us(lambda: case.ours_with(cfg)), ok=ok))
@@ -219,8 +216,6 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="run only cases whose 'model/scenario' contains this")
     parser.add_argument("--tune", action="store_true", help="sweep launch configurations on key cases instead")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
-    parser.add_argument("--rows-only", action="store_true",
-                        help="--tune: only the dot-free decode configurations (ROWS), beside the default")
     parser.add_argument("--layout", default="nhd", choices=["nhd", "hnd"],
                         help="KV cache storage: pages of (slot, head, dim) (the server's) or (head, slot, dim)")
     args = parser.parse_args(argv)

@@ -14,7 +14,6 @@ tests/test_paged_attention_gpu.py runs Llama sizes on the H200.
 
 from __future__ import annotations
 
-import functools
 import os
 import zlib
 from dataclasses import dataclass
@@ -114,8 +113,7 @@ def dense_attention(b: Batch, scale: float, window: int | None) -> dict[int, tor
     return rows
 
 
-def check(b: Batch, window: int | None = None, scale: float | None = None, prefill_slots: int | None = None,
-          triton_fn=paged_attention) -> None:
+def check(b: Batch, window: int | None = None, scale: float | None = None, prefill_slots: int | None = None) -> None:
     """Both implementations against the oracle; rows of no sequence must come back NaN. With
     `prefill_slots`, the Triton kernel is given the list of sequences of several query tokens,
     -1 padded to that many entries (as a CUDA graph's step buffers hold it)."""
@@ -132,7 +130,7 @@ def check(b: Batch, window: int | None = None, scale: float | None = None, prefi
         assert len(listed) <= prefill_slots
         extra["prefill_seqs"] = torch.tensor(listed + [-1] * (prefill_slots - len(listed)), dtype=torch.int32,
                                              device=DEVICE)
-    for name, fn in (("triton", triton_fn), ("reference", paged_attention_reference)):
+    for name, fn in (("triton", paged_attention), ("reference", paged_attention_reference)):
         out = torch.full(b.q.shape, float("nan"), dtype=b.q.dtype, device=DEVICE)
         result = fn(*b.args(), scale, window, out, **(extra if name == "triton" else {}))
         assert result is out, name
@@ -181,18 +179,6 @@ def test_decode_batch(group, dtype, split, monkeypatch):
     b = make_batch(specs, 2 * group, 2, 32, 4, dtype, gen, trail_rows=2)
     assert b.max_query_len == 1
     check(b)
-
-
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("group,dtype", [(1, torch.float32), (1, torch.bfloat16), (3, torch.float32)])
-def test_dot_free_decode_kernel(group, dtype, window):
-    """The ROWS decode configuration (one program per sequence and query head, no tl.dot)."""
-    gen = seeded("rows", group, dtype, window)
-    specs = [(1, 1), (4, 1), (16, 1), (33, 1), (64, 1), (65, 1), (129, 1), (0, 0), (0, 0)]
-    b = make_batch(specs, 2 * group, 2, 32, 4, dtype, gen, trail_rows=2)
-    rows = functools.partial(triton_attention.launch_paged_attention,
-                             config=dict(ROWS=True, BLOCK_N=16, num_warps=2, num_stages=1))
-    check(b, window, triton_fn=rows)
 
 
 @pytest.mark.parametrize("window", [1, 4, 16, 100])
