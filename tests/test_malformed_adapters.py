@@ -19,17 +19,12 @@ import time
 import zipfile
 
 import httpx
-import pytest
 import torch
 from safetensors.torch import save
 
-from server.api.app import create_app
-from server.api.background import BackgroundServer
-from server.config import Settings
 from server.model.config import ModelConfig
-from tests.test_api_admin import ADMIN_TOKEN, AUTH, adapter_files
+from tests.test_api_admin import AUTH, adapter_files, model_config, server  # noqa: F401  (fixtures)
 
-MAX_RANK = 8
 PREFIX = "base_model.model.model.layers.{layer}.self_attn.{module}"
 
 
@@ -200,22 +195,6 @@ def _zip() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def model_config(default_model_dir):
-    return ModelConfig.from_dir(default_model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(default_model_dir, tmp_path_factory):
-    settings = Settings.from_env(
-        device="cpu", max_num_seqs=4, num_kv_blocks=64, max_model_len=256, max_loras=2, max_lora_rank=MAX_RANK,
-        admin_token=ADMIN_TOKEN, adapter_store=str(tmp_path_factory.mktemp("corpus") / "adapters"),
-        served_model_name="base")
-    with BackgroundServer(create_app(settings)) as running:
-        running.settings = settings
-        yield running
-
-
 def _tree(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -242,7 +221,7 @@ class Traffic(threading.Thread):
 
 def _complete(http: httpx.Client, tenant: str | None) -> str:
     response = http.post("/v1/completions", headers={"X-Customer-Id": tenant} if tenant else {},
-                         json={"model": "base", "prompt": "The weather today", "max_tokens": 4, "temperature": 0,
+                         json={"prompt": "The weather today", "max_tokens": 4, "temperature": 0,
                                "ignore_eos": True})
     return response.json()["choices"][0]["text"] if response.status_code == 200 else f"HTTP {response.status_code}"
 

@@ -2,14 +2,14 @@
 
 Everything heavy is built in `lifespan` (model load, engine thread, adapter store and cache:
 `Service.start`) and kept on `app.state`; shutdown stops the engine loop, which ends every open
-stream (after a drain, when the server runs under server/api/drain.py's DrainingServer). One router per area: completions (OpenAI-compatible inference), admin (adapters), ops
-(health, readiness, metrics). Errors are mapped to OpenAI's envelope in server/api/errors.py.
+stream (after a drain, when the server runs under server/api/drain.py's DrainingServer). One
+router per area: completions (OpenAI-compatible inference), admin (adapters), ops (health,
+readiness, metrics). Errors are mapped to OpenAI's envelope in server/api/errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
 
@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from server.api.auth import ApiKeys
 from server.api.drain import Drain, DrainMiddleware
-from server.api.errors import error_body, install_error_handlers
+from server.api.errors import install_error_handlers, send_error
 from server.api.openapi import install_openapi
 from server.api.routers import admin, completions, ops
 from server.config import Settings
@@ -140,8 +140,5 @@ class BodyLimit:
         await self.app(scope, limited_receive, tracking_send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(413, f"request body over the {self.limit}-byte limit "
-                                          "(LORAPLEX_MAX_REQUEST_BODY_BYTES)", "payload_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body over the {self.limit}-byte limit (LORAPLEX_MAX_REQUEST_BODY_BYTES)",
+                         "payload_too_large")

@@ -22,13 +22,12 @@ turns new ones away while draining (`DrainMiddleware` over the `Drain` state the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
 import uvicorn
 
-from server.api.errors import error_body
+from server.api.errors import send_error
 
 log = logging.getLogger(__name__)
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})  # answered while draining, never counted
@@ -75,21 +74,13 @@ class DrainMiddleware:
         if scope["type"] != "http" or scope["path"] in OPS_PATHS:
             return await self.app(scope, receive, send)
         if self.drain.active:
-            return await _refuse(send)
+            return await send_error(send, 503, "the server is shutting down; retry on another replica",
+                                    "service_unavailable", {"Retry-After": "1", "Connection": "close"})
         self.drain.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.drain.in_flight -= 1
-
-
-async def _refuse(send) -> None:
-    body = json.dumps(error_body(503, "the server is shutting down; retry on another replica",
-                                 "service_unavailable")).encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", b"1"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class DrainingServer(uvicorn.Server):

@@ -11,6 +11,7 @@ routers raise the `APIError` subclasses below for everything else.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -97,6 +98,15 @@ class InternalError(APIError):
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "internal_error"),
                       "code": code, "param": param}}
+
+
+async def send_error(send, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    """The envelope as a whole raw ASGI response (for middleware, below FastAPI's handlers)."""
+    body = json.dumps(error_body(status, message, code)).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None,

@@ -16,16 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 128
 
+REQUEST_BODY = ConfigDict(extra="ignore", strict=True)  # every body model: see the module docstring
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = REQUEST_BODY
     include_usage: bool = False
 
 
 class GenerationFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = REQUEST_BODY
 
     model: str | None = None  # the base model's id or a customer's adapter (the customer id)
     max_tokens: int | None = Field(None, ge=1)
@@ -89,13 +90,13 @@ class CompletionRequest(GenerationFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = REQUEST_BODY
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = REQUEST_BODY
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None

@@ -2,7 +2,8 @@
 
 Matches transformers' "rotate half" convention (the first and second halves of each head
 are the two coordinates of a rotation), which is how Llama-family checkpoints are stored.
-Applying it is kernels.apply_rope_qk (kernels/triton_rope.py: the kernel and its reference).
+Applying it is kernels.apply_rope_and_write_kv (kernels/triton_rope.py: the kernel and its
+reference): q and k rotated, k and v written into the layer's KV cache.
 """
 
 from __future__ import annotations
@@ -57,10 +58,6 @@ class RotaryEmbedding:
             from kernels.triton_rope import rope_cos_sin
 
             self.cos_sin = rope_cos_sin(positions, inv_freq, dtype)  # (T, head_dim) each
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (T, heads, head_dim), k (T, kv_heads, head_dim), strided views allowed -> rotated, new tensors."""
-        return kernels.apply_rope_qk(q, k, self.positions, self.inv_freq, self.cos_sin)
 
     def rotate_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
