@@ -5,9 +5,7 @@ On CUDA tensors (with triton installed) these are the Triton kernels of `triton_
 `triton_expand.py`, and `lora_apply` is either that pair (v passing through an fp32 buffer) or,
 for decode batches of more than 64 tokens that mostly have adapters of their own, the
 one-launch kernel of `triton_fused_decode.py`; elsewhere they are the plain-PyTorch references of
-`lora_reference.py`, the test oracle, behind the same signatures. `lora_apply_beside` is the
-same op with the projection's own GEMM: given a second CUDA stream it runs the shrink there,
-beside the GEMM, and the expand after both. `slot_ranks` ((num_slots, n_slices)
+`lora_reference.py`, the test oracle, behind the same signatures. `slot_ranks` ((num_slots, n_slices)
 int32 on the device, optional) makes every implementation read only each slot's true rank (the
 device pool's slots overlap: rows past a slot's rank may be another adapter's). The Triton modules
 are imported on first use, so importing `kernels` stays cheap and never decides for the CPU
@@ -46,37 +44,6 @@ def lora_apply(y, x, lora_a, lora_b, scales, meta, slot_ranks=None):
 
         return triton_apply(y, x, lora_a, lora_b, scales, meta, slot_ranks)
     v = lora_shrink(x, lora_a, meta, slot_ranks=slot_ranks)
-    return lora_expand(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
-
-
-def lora_apply_beside(linear, x, lora_a, lora_b, scales, meta, slot_ranks=None):
-    """`lora_apply(linear(x), x, ...)`: the projection's output `linear(x)` plus each token's LoRA delta.
-
-    With a side stream in the metadata (CUDA), the shrink reads x on that stream while
-    `linear` runs on the current one, and the expand follows once both are done. A decode
-    step's GEMMs leave multiprocessors idle (the o projection's tiles fill about half of an
-    H200 at 64 rows) and its shrinks are latency-bound launches of a few microseconds, so the
-    shrink mostly hides in the GEMM instead of following it. Inside a CUDA graph capture the
-    fork and join become the graph's edges. The shrink's output v is allocated on the current
-    stream before the fork, so no block changes streams; the one-launch decode kernel (large
-    distinct batches, kernels/triton_fused_decode.py) has no separate shrink and runs after.
-    """
-    import torch
-
-    stream = meta.side_stream
-    if stream is None or not x.is_cuda or _triton_ops() is None:
-        return lora_apply(linear(x), x, lora_a, lora_b, scales, meta, slot_ranks=slot_ranks)
-    from kernels.triton_fused_decode import takes_one_launch
-
-    if takes_one_launch(x.shape[0], meta):
-        return lora_apply(linear(x), x, lora_a, lora_b, scales, meta, slot_ranks=slot_ranks)
-    main = torch.cuda.current_stream(x.device)
-    v = torch.empty(len(lora_a), x.shape[0], lora_a[0].shape[1], dtype=torch.float32, device=x.device)
-    stream.wait_stream(main)  # x and v are ready
-    with torch.cuda.stream(stream):
-        lora_shrink(x, lora_a, meta, out=v, slot_ranks=slot_ranks)
-    y = linear(x)
-    main.wait_stream(stream)
     return lora_expand(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
 
 
@@ -168,5 +135,5 @@ def apply_rope_qk(q, k, positions, inv_freq, cos_sin=None):
     return apply_rope_qk_reference(q, k, positions, inv_freq, cos_sin)
 
 
-__all__ = ["LoRABatchMeta", "lora_apply", "lora_apply_beside", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
+__all__ = ["LoRABatchMeta", "lora_apply", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
            "paged_attention", "write_kv", "rms_norm", "silu_and_mul", "apply_rope_qk", "apply_rope_and_write_kv"]

@@ -76,9 +76,6 @@ class LoRABatchMeta:
     # names of the model's projections whose LoRA kernels run this step (None: all); set by the
     # model runner from what the batch's adapters target (the kernels never read it)
     projections: frozenset | None = field(default=None, repr=False)
-    # a second CUDA stream on which each projection's shrink runs beside its GEMM (None: one
-    # stream); set by the model runner, read by `kernels.lora_apply_beside`
-    side_stream: object = field(default=None, repr=False)
     _sorted64: torch.Tensor | None = field(default=None, repr=False)  # int64 twin of sorted_tokens
     _groups: list[tuple[int, int, int]] = field(default_factory=list, repr=False)  # (slot, start, count), slot >= 0
     _unsorted: np.ndarray | None = field(default=None, repr=False)  # sorted token order not yet in _sorted64

@@ -73,9 +73,6 @@ class Settings:
     # LORAPLEX_BLAS_LIBRARY: auto (cuBLASLt on the GPU) | cublas | cublaslt: the library torch hands the
     # projections' GEMMs to (loadtest/bench_gemm.py: cuBLASLt is faster on most serving shapes)
     blas_library: str = "auto"
-    # LORAPLEX_LORA_OVERLAP: auto (off) | on | off: each projection's LoRA shrink runs on a second
-    # CUDA stream beside the projection's GEMM (kernels.lora_apply_beside)
-    lora_overlap: str = "auto"
     # --- HTTP server
     host: str = "127.0.0.1"  # LORAPLEX_HOST
     port: int = 8000  # LORAPLEX_PORT
@@ -144,8 +141,6 @@ class Settings:
             raise ValueError(f"async_scheduling must be auto, on or off, not {self.async_scheduling!r}")
         if self.drain_seconds < 0:
             raise ValueError("drain_seconds must be >= 0")
-        if self.lora_overlap not in {"auto", "on", "off"}:
-            raise ValueError(f"lora_overlap must be auto, on or off, not {self.lora_overlap!r}")
         if self.blas_library not in {"auto", "cublas", "cublaslt"}:
             raise ValueError(f"blas_library must be auto, cublas or cublaslt, not {self.blas_library!r}")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:

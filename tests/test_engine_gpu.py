@@ -26,11 +26,10 @@ QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _engine(dtype, enforce_eager: bool, num_adapters: int, async_scheduling: str = "off",
-            modules: tuple[str, ...] = QKVO + ("down_proj",), lora_overlap: str = "auto") -> Engine:
+            modules: tuple[str, ...] = QKVO + ("down_proj",)) -> Engine:
     model = random_model(SMALL, dtype, "cuda", seed=1)
     settings = Settings(device="cuda", max_loras=8, max_lora_rank=16, max_num_seqs=16, num_kv_blocks=256,
-                        max_model_len=512, enforce_eager=enforce_eager, async_scheduling=async_scheduling,
-                        lora_overlap=lora_overlap)
+                        max_model_len=512, enforce_eager=enforce_eager, async_scheduling=async_scheduling)
     engine = Engine(model, StubTokenizer(), settings)
     for i in range(num_adapters):
         rank = (8, 16)[i % 2]
@@ -66,20 +65,6 @@ def test_graph_replay_gives_the_eager_tokens(adapters):
     got = [r.token_ids for r in graphs.generate(_requests(adapters))]
     assert got == expected
     assert [r.token_ids for r in pipelined.generate(_requests(adapters))] == expected
-
-
-def test_the_shrink_beside_the_gemm_gives_the_one_stream_tokens():
-    """The LoRA shrink on a second stream (lora_overlap on), eager and captured in the graphs,
-    against everything on one stream, for a batch of shared, distinct and base-model rows."""
-    adapters = ["a0", "a1", "a2", "a3", "a4", None, "a0", "a5"]
-    one_stream = _engine(torch.float32, enforce_eager=True, num_adapters=6, lora_overlap="off")
-    beside = _engine(torch.float32, enforce_eager=True, num_adapters=6, lora_overlap="on")
-    graphs = _engine(torch.float32, enforce_eager=False, num_adapters=6, async_scheduling="on", lora_overlap="on")
-    assert one_stream.runner.lora_side_stream is None
-    assert beside.runner.lora_side_stream is not None and graphs.runner.lora_meta.side_stream is not None
-    expected = [r.token_ids for r in one_stream.generate(_requests(adapters))]
-    assert [r.token_ids for r in beside.generate(_requests(adapters))] == expected
-    assert [r.token_ids for r in graphs.generate(_requests(adapters))] == expected
 
 
 def test_attention_only_adapters_replay_the_graphs_without_mlp_lora():

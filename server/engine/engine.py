@@ -117,7 +117,6 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, max_num_seqs=self.limits.max_num_seqs,
                                   max_num_batched_tokens=self.limits.max_num_batched_tokens,
                                   max_model_len=self.limits.max_model_len)
-        self.runner.set_lora_overlap(_lora_overlap(settings.lora_overlap, self.device))
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
         self.async_scheduling = _async_scheduling(settings.async_scheduling, self.device)
         self._in_flight: LaunchedStep | None = None
@@ -352,11 +351,6 @@ def _async_scheduling(setting: str, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cuda"
     return setting == "on"
-
-
-def _lora_overlap(setting: str, device: torch.device) -> bool:
-    """The LoRA shrink beside the GEMM exists on CUDA only; auto = off until measured on the H200."""
-    return device.type == "cuda" and setting == "on"
 
 
 def _kv_cache_budget(settings: Settings, device: torch.device) -> int:

@@ -51,15 +51,12 @@ class Projection(nn.Module):
         self.lora: LoRASlots | None = None
 
     def forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
         if (self.lora is not None and lora_meta is not None and lora_meta.has_lora
                 and (lora_meta.projections is None or self.name in lora_meta.projections)):
             lora = self.lora
-            return kernels.lora_apply_beside(self._linear, x, lora.lora_a, lora.lora_b, lora.scales, lora_meta,
-                                             slot_ranks=lora.slot_ranks)
-        return self._linear(x)
-
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+            kernels.lora_apply(y, x, lora.lora_a, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
+        return y
 
 
 class RMSNorm(nn.Module):

@@ -178,26 +178,8 @@ class ModelRunner:
         max_blocks = -(-max_model_len // self.block_size) if max_model_len else kv_cache.num_blocks
         self._capacity = (max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks)
         self.buffers = StepBuffers(*self._capacity, self.block_size, self.device)
-        self.lora_side_stream = None  # set_lora_overlap
-        self.lora_meta = self._new_lora_meta(self.buffers.max_tokens)
+        self.lora_meta = LoRABatchMeta.build([], self.device, capacity=self.buffers.max_tokens)
         self.graphs = None  # StepGraphs once captured (capture_graphs)
-
-    def set_lora_overlap(self, on: bool) -> None:
-        """Run each projection's LoRA shrink on a second stream beside its GEMM (CUDA; see
-        `kernels.lora_apply_beside`), or everything on one stream. Graphs captured before keep
-        their choice until captured again. The side stream has the higher priority, so its
-        programs take the multiprocessors the GEMM leaves idle as soon as any are."""
-        if on and self.device.type == "cuda":
-            if self.lora_side_stream is None:
-                self.lora_side_stream = torch.cuda.Stream(self.device, priority=torch.cuda.Stream.priority_range()[1])
-        else:
-            self.lora_side_stream = None
-        self.lora_meta.side_stream = self.lora_side_stream
-
-    def _new_lora_meta(self, capacity: int) -> LoRABatchMeta:
-        meta = LoRABatchMeta.build([], self.device, capacity=capacity)
-        meta.side_stream = self.lora_side_stream
-        return meta
 
     @property
     def num_lora_slots(self) -> int:
@@ -294,4 +276,4 @@ class ModelRunner:
         tokens, seqs, blocks = self._capacity
         self._capacity = (max(tokens, num_tokens, num_seqs), max(seqs, num_seqs), max(blocks, max_blocks))
         self.buffers = StepBuffers(*self._capacity, self.block_size, self.device)
-        self.lora_meta = self._new_lora_meta(self._capacity[0])
+        self.lora_meta = LoRABatchMeta.build([], self.device, capacity=self._capacity[0])
