@@ -191,3 +191,74 @@ def test_a_pin_that_fails_fails_that_request_and_leaks_nothing():
     out = sched.schedule()
     assert out.failed == [seq] and "changed on disk" in seq.error
     assert sched.blocks.num_free == sched.blocks.num_blocks and not sched.has_work()
+
+
+def _decoding_batch(hold: int, decodes: int):
+    """A scheduler with `decodes` sequences past their prompts, decoding."""
+    sched, _ = make_scheduler(num_blocks=400, max_num_seqs=64, budget=512)
+    sched.config = SchedulerConfig(64, 512, prefill_hold_steps=hold)
+    for i in range(decodes):
+        sched.add(make_seq(3, max_tokens=100, seed=i))
+    fake_step(sched)
+    fake_step(sched)
+    return sched
+
+
+def _steps_until_fed(sched, seq) -> int:
+    steps = 0
+    while seq.num_cached_tokens == 0:
+        fake_step(sched)
+        steps += 1
+        assert steps < 10
+    return steps
+
+
+def test_without_a_hold_a_prompt_joins_the_next_step():
+    sched = _decoding_batch(hold=0, decodes=20)
+    prompt = make_seq(12, seed=99)
+    sched.add(prompt)
+    assert _steps_until_fed(sched, prompt) == 1
+
+
+def test_a_lone_prompt_waits_at_most_the_hold_for_a_partner_while_a_large_batch_decodes():
+    sched = _decoding_batch(hold=2, decodes=20)
+    prompt = make_seq(12, seed=99)
+    sched.add(prompt)
+    assert _steps_until_fed(sched, prompt) == 3  # held two steps, fed in the third
+    assert sched._joined == {}
+
+
+def test_a_second_prompt_releases_the_held_one_and_both_share_a_step():
+    sched = _decoding_batch(hold=3, decodes=20)
+    first, second = make_seq(12, seed=98), make_seq(9, seed=99)
+    sched.add(first)
+    out = fake_step(sched)
+    assert first.num_cached_tokens == 0 and len(out.chunks) == 20  # held: a pure decode step
+    sched.add(second)
+    out = fake_step(sched)
+    assert {c.seq.seq_id for c in out.chunks if c.num_tokens > 1} == {first.seq_id, second.seq_id}
+
+
+def test_no_hold_beside_a_small_batch_or_a_step_that_feeds_a_prompt_anyway():
+    small = _decoding_batch(hold=3, decodes=4)  # under HOLD_MIN_DECODES
+    prompt = make_seq(12, seed=99)
+    small.add(prompt)
+    assert _steps_until_fed(small, prompt) == 1
+    sched = _decoding_batch(hold=0, decodes=20)
+    sched.config = SchedulerConfig(64, 40)  # 20 decodes + 20 prompt tokens a step
+    long = make_seq(30, seed=97)
+    sched.add(long)
+    fake_step(sched)
+    assert long.num_cached_tokens == 20  # mid-prompt: the next step feeds it anyway
+    sched.config = SchedulerConfig(64, 40, prefill_hold_steps=3)
+    late = make_seq(4, seed=95)
+    sched.add(late)
+    assert _steps_until_fed(sched, late) == 1
+
+
+def test_an_aborted_held_prompt_leaves_nothing_behind():
+    sched = _decoding_batch(hold=2, decodes=20)
+    prompt = make_seq(12, seed=99)
+    sched.add(prompt)
+    fake_step(sched)
+    assert sched.abort(prompt) and sched._joined == {} and sched.num_waiting == 0
