@@ -69,9 +69,6 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted")
     p.add_argument("--max-num-seqs", type=int, help="sequences running at once (default 256 on the GPU, 32 on the CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
-    p.add_argument("--prefill-hold-steps", type=int,
-                   help="steps a lone prompt may wait to share its step with another while a large batch decodes "
-                        "(default 0: admit at once)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, at most 8192)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: derived)")
     p.add_argument("--host-cache-bytes", type=int, help="host RAM for the adapter cache")
@@ -102,8 +99,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapter_store", "api_keys_file",
-                  "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "prefill_hold_steps",
-                  "max_model_len",
+                  "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
                   "max_queued_requests_per_tenant", "max_requests_per_tenant", "max_queued_tokens",

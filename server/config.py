@@ -66,9 +66,6 @@ class Settings:
     max_num_seqs: int = 0  # LORAPLEX_MAX_NUM_SEQS: 0 = auto (256 on GPU, 32 on CPU)
     gpu_memory_utilization: float = 0.9  # LORAPLEX_GPU_MEMORY_UTILIZATION: share of GPU memory for weights, adapters and KV cache
     max_num_batched_tokens: int = 2048  # LORAPLEX_MAX_NUM_BATCHED_TOKENS: tokens per step (prefill chunks + decodes)
-    # LORAPLEX_PREFILL_HOLD_STEPS: steps a lone prompt may wait for a second one to share its step
-    # while a large batch decodes (server/engine/scheduler.py); 0 = admit at once
-    prefill_hold_steps: int = 0
     max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 8192)
     enforce_eager: bool = False  # LORAPLEX_ENFORCE_EAGER: no CUDA graphs for decode steps (debugging)
     # LORAPLEX_ASYNC_SCHEDULING: auto (on the GPU) | on | off: schedule step N+1 while the device runs step N
@@ -134,8 +131,6 @@ class Settings:
             raise ValueError("max_loras and max_num_seqs must be >= 0 (0 = auto)")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.prefill_hold_steps < 0:
-            raise ValueError("prefill_hold_steps must be >= 0 (0 = no hold)")
         if not 0 < self.lora_memory_fraction < 1:
             raise ValueError("lora_memory_fraction must be in (0, 1)")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -112,8 +112,7 @@ class Engine:
         self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size)
         self.adapters = (make_adapters or InMemoryAdapters)(self.pool)
         self.scheduler = Scheduler(
-            SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens, settings.prefill_hold_steps),
-            self.blocks, self.adapters,
+            SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, max_num_seqs=self.limits.max_num_seqs,
                                   max_num_batched_tokens=self.limits.max_num_batched_tokens,

@@ -11,15 +11,6 @@ Plain Python — no torch, no HTTP — so tests drive it with a fake runner. Eac
    tenant flooding the queue cannot starve the others), while the token budget, the running
    cap, KV blocks and adapter slots allow. A sequence whose adapter is still loading stays
    waiting without holding up other tenants; one whose adapter failed to load is failed.
-3. Prefill hold (`prefill_hold_steps` > 0): while at least HOLD_MIN_DECODES sequences decode
-   and no prompt is being fed anyway, a single waiting prompt is held for up to that many
-   steps in case a second one arrives to share its step. A step that feeds a prompt beside a
-   decoding batch costs about half a decode step more (7B, 64 decodes + 128 prompt tokens on
-   an H200: 9 vs 6 ms), and in a closed loop of 64 streams of 128 tokens a prompt arrives
-   about every other step, so admitting each at once makes half the steps slow ones: the
-   decodes' inter-token latency then sits at the slow steps' edge. Held, two prompts share a
-   step more often, the other steps stay pure decodes, and a prompt waits a few steps at most.
-   Two or more waiting prompts, a step already feeding a prompt, or a small batch admit at once.
 """
 
 from __future__ import annotations
@@ -49,14 +40,10 @@ class AdapterResidency(Protocol):
     def unpin(self, key: Hashable) -> None: ...
 
 
-HOLD_MIN_DECODES = 16  # below this many decodes in a step a held prompt would protect little
-
-
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
-    prefill_hold_steps: int = 0  # 0: admit waiting prompts at once (see the module docstring)
 
 
 @dataclass
@@ -88,8 +75,6 @@ class Scheduler:
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # tenant -> FIFO, in turn order
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.num_steps = 0  # schedule() calls so far: the clock of the prefill hold
-        self._joined: dict[int, int] = {}  # seq_id -> step it (re)joined the waiting queue
 
     # -- queue ----------------------------------------------------------------------------
 
@@ -103,7 +88,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.setdefault(seq.tenant, deque()).append(seq)
-        self._joined[seq.seq_id] = self.num_steps
 
     def abort(self, seq: Sequence) -> bool:
         """Drop a sequence wherever it is, releasing its blocks and adapter pin at once."""
@@ -117,7 +101,6 @@ class Scheduler:
             queue.remove(seq)
             if not queue:
                 del self.waiting[seq.tenant]
-            self._joined.pop(seq.seq_id, None)
         return True
 
     def finish(self, seq: Sequence) -> None:
@@ -128,25 +111,11 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        self.num_steps += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget)
-        if not self._holds_prefill(out):
-            self._admit_waiting(out, budget)
+        self._admit_waiting(out, budget)
         return out
-
-    def _holds_prefill(self, out: SchedulerOutput) -> bool:
-        """Whether the waiting prompt stays waiting this step (module docstring, 3.)."""
-        hold = self.config.prefill_hold_steps
-        if hold <= 0 or self.num_waiting != 1:
-            return False
-        if any(c.num_tokens > 1 for c in out.chunks):  # a prompt is fed this step anyway
-            return False
-        if len(out.chunks) < HOLD_MIN_DECODES:
-            return False
-        (queue,) = self.waiting.values()
-        return self.num_steps - self._joined.get(queue[0].seq_id, 0) <= hold
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
@@ -183,7 +152,6 @@ class Scheduler:
                     state = self.adapters.prepare(seq.adapter_key)
                     if state == "failed":
                         queue.popleft()
-                        self._joined.pop(seq.seq_id, None)
                         seq.error = self.adapters.error(seq.adapter_key)
                         out.failed.append(seq)
                         self._drop_empty(tenant)
@@ -196,7 +164,6 @@ class Scheduler:
                 if not self.blocks.can_allocate(need):
                     return  # running sequences will free blocks; nobody jumps the queue for them
                 queue.popleft()
-                self._joined.pop(seq.seq_id, None)
                 self._rotate(tenant)
                 progress = True
                 if seq.adapter_key is not None:
@@ -231,7 +198,6 @@ class Scheduler:
         queue = self.waiting.setdefault(seq.tenant, deque())
         queue.appendleft(seq)
         self.waiting.move_to_end(seq.tenant, last=False)
-        self._joined[seq.seq_id] = self.num_steps
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
