@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -12,13 +13,26 @@ from loadtest.serving_report import percentiles
 
 
 def upload_adapters(base_url: str, admin_token: str, customer_ids: list[str],
-                    make_files: Callable[[int], tuple[bytes, bytes]], concurrency: int, timeout_s: float) -> dict:
+                    make_files: Callable[[int], tuple[bytes, bytes]], concurrency: int, timeout_s: float,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
     """PUT /admin/adapters/{id} (multipart adapter_config + adapter_model) for every customer.
     `make_files(i)` builds the i-th adapter just before its upload, so at most `concurrency`
-    adapters are in memory; `request_s` times the HTTP request alone (validation and storage)."""
+    adapters are in memory; `request_s` times the HTTP request alone (validation and storage).
+    `progress(done, total)` is called after each upload."""
     headers = {"Authorization": f"Bearer {admin_token}"}
+    finished = [0]
+    lock = threading.Lock()
 
     def upload(index: int) -> dict:
+        try:
+            return upload_one(index)
+        finally:
+            if progress is not None:
+                with lock:
+                    finished[0] += 1
+                    progress(finished[0], len(customer_ids))
+
+    def upload_one(index: int) -> dict:
         config, weights = make_files(index)
         files = {"adapter_config": ("adapter_config.json", config, "application/json"),
                  "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream")}
