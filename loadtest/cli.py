@@ -27,7 +27,7 @@ import httpx
 
 from loadtest import run_report
 from loadtest.generator import RunSpec, run
-from loadtest.workload import Lengths, Popularity, Workload
+from loadtest.workload import Lengths, Popularity, Workload, poisson_arrivals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="prompt token ids are drawn from LO..HI-1 (default 10-1000: inside any vocabulary)")
     r.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (default: run to max)")
     r.add_argument("--slo-ttft", type=float, help="SLO bound on time to first token, seconds")
-    r.add_argument("--slo-itl", type=float, help="SLO bound on mean inter-token latency, seconds")
+    r.add_argument("--slo-itl", type=float,
+                   help="SLO bound on a request's mean inter-token latency after its first token (TPOT), seconds")
     r.add_argument("--workers", type=int, default=0, help="client processes (default: by load, 1-8)")
     r.add_argument("--request-timeout", type=float, default=300.0)
     r.add_argument("--seed", type=int, default=0)
@@ -137,21 +138,27 @@ def command_run(args: argparse.Namespace) -> int:
             last[0] = elapsed
             say(f"  {max(0.0, elapsed):6.1f} s  {done} done  {errors} errors  {tokens} tokens")
 
+    started = time.time()
     out = run(spec, workers, args.drain, progress)
     after = _scrape(base_url, headers)
     window = (out["start_at"] + args.warmup, out["stop_at"])
     summary = run_report.build(out["records"], window, (args.slo_ttft, args.slo_itl))
     report = {
         "argv": sys.argv[1:],
-        "label": args.label, "url": base_url, "model": model, "mode": mode, "started_unix": time.time(),
+        "label": args.label, "url": base_url, "model": model, "mode": mode, "started_unix": started,
         "workload": {**workload.describe(), "rate": args.rate, "concurrency": args.concurrency,
                      "duration_s": args.duration, "warmup_s": args.warmup, "tenant_via": args.tenant_via,
                      "ignore_eos": not args.no_ignore_eos},
+        "offered": _offered(args, workload.seed),
         "summary": summary, "server": run_report.counter_deltas(before, after),
         "client": {"workers": workers, "worker_cpu_s": out["worker_cpu_s"], "worker_failures": out["worker_failures"]},
         "samples": run_report.samples(out["records"], window),
     }
+    report["server_means"] = run_report.server_means(report["server"])
     print(run_report.format_summary(summary))
+    if report["offered"]:
+        say(f"offered: {report['offered']['requests']} Poisson arrivals in {args.duration:g} s "
+            f"({report['offered']['rate']:.2f} req/s for {args.rate} asked)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
@@ -162,6 +169,14 @@ def command_run(args: argparse.Namespace) -> int:
         args.plots.mkdir(parents=True, exist_ok=True)
         say(f"plot: {plots.latency_cdfs([{**report, 'path': str(args.out or 'run')}], args.plots)}")
     return 0 if out["worker_failures"] == 0 else 1
+
+
+def _offered(args: argparse.Namespace, seed: int) -> dict | None:
+    """What the open loop actually sent: a short run's Poisson draw can stray from the rate."""
+    if args.rate is None:
+        return None
+    arrivals = len(poisson_arrivals(args.rate, args.duration, seed))
+    return {"requests": arrivals, "rate": arrivals / args.duration}
 
 
 def _first_model(base_url: str, headers: dict) -> str:

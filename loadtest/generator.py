@@ -106,11 +106,12 @@ async def _run_worker(spec: RunSpec, index: int, workers: int, done, tokens, err
     if spec.mode == "poisson":
         times = poisson_arrivals(spec.rate, spec.duration_s, spec.workload.seed)
         mine = [(n, t) for n, t in enumerate(times) if n % workers == index]
-        connections = max(8, int(spec.rate * 4 / workers) + 8)
+        # no cap on connections: a request must leave at its send time, never wait for a free
+        # connection behind slow ones (the loop would then no longer be open)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(8, int(spec.rate * 4 / workers)))
     else:
         mine = [(c, 0.0) for c in range(spec.concurrency) if c % workers == index]
-        connections = len(mine) + 4
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        limits = httpx.Limits(max_connections=len(mine) + 4, max_keepalive_connections=len(mine) + 4)
 
     async def send(client: httpx.AsyncClient, req: PlannedRequest) -> RequestRecord:
         body, headers = spec.body_and_headers(req)

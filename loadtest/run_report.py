@@ -6,8 +6,11 @@ Latencies and throughput are `serving_report.summarize_requests` over the measur
 percentiles, output tokens and requests a second. SLO attainment counts, among requests sent
 in the window, those that succeeded with TTFT <= the TTFT bound and a mean time per output
 token after the first <= the ITL bound (a failed request misses). `server` holds the counters
-that moved between a /metrics scrape before the run and one after (every request of the run,
-window or not), so a report can be checked against the server's own books.
+(and histogram sums and counts) that moved between a /metrics scrape before the run and one
+after (every request of the run, window or not), so a report can be checked against the
+server's own books; `server_means` the server's own mean latencies over the run. Two meanings
+of "ITL" meet here: `itl_s` is every token-to-token gap, the SLO's ITL bound applies to a
+request's mean gap after its first token (what aiperf and guidellm call ITL; `tpot_s`).
 """
 
 from __future__ import annotations
@@ -75,11 +78,27 @@ def samples(records: list, window: tuple[float, float]) -> dict[str, list[float]
 
 
 def counter_deltas(before_text: str | None, after_text: str | None) -> dict[str, float] | None:
+    """Counters, and histograms' _sum and _count, that moved between the two scrapes."""
     if not before_text or not after_text:
         return None
     before, after = parse_metrics(before_text), parse_metrics(after_text)
     return {name: after[name] - before.get(name, 0.0) for name in sorted(after)
-            if name.startswith(COUNTER_PREFIXES) and "_total" in name and after[name] != before.get(name, 0.0)}
+            if name.startswith(COUNTER_PREFIXES) and ("_total" in name or name.endswith(("_sum", "_count")))
+            and after[name] != before.get(name, 0.0)}
+
+
+def server_means(deltas: dict[str, float] | None) -> dict[str, float]:
+    """Means over the run of the server's own latency histograms (loraplex's and vLLM's names):
+    what tells a slower server apart from a client that measures differently."""
+    out = {}
+    for name in ("loraplex_time_to_first_token_seconds", "loraplex_inter_token_latency_seconds",
+                 "loraplex_e2e_request_latency_seconds", "loraplex_engine_step_duration_seconds",
+                 "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                 "vllm:time_per_output_token_seconds", "vllm:e2e_request_latency_seconds"):
+        count = (deltas or {}).get(f"{name}_count")
+        if count:
+            out[name.split(":")[-1].removeprefix("loraplex_") + "_mean"] = deltas[f"{name}_sum"] / count
+    return out
 
 
 def build(records: list, window: tuple[float, float], slo: tuple[float | None, float | None]) -> dict:

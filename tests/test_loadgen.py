@@ -68,6 +68,9 @@ def test_a_run_reports_what_the_server_counted(server, tmp_path, mode):
     assert server_counts['loraplex_http_requests_total{endpoint="/v1/completions"}'] == sent
     assert server_counts['loraplex_generations_total{finish_reason="length"}'] == sent  # ran to max_tokens
     assert server_counts["loraplex_generation_tokens_total"] == summary["all_requests"]["completion_tokens"]
+    if mode[0] == "--rate":  # the open loop sent exactly its Poisson arrivals
+        assert report["offered"]["requests"] == sent
+    assert report["server_means"]["time_to_first_token_seconds_mean"] > 0
     assert summary["slo"]["attainment"] == 1.0 and summary["ttft_s"]["count"] > 0 and summary["itl_s"]["count"] > 0
     assert (tmp_path / "latency_cdf.png").stat().st_size > 0
     assert "output tok/s" in done.stdout and " done " in done.stderr  # the summary, and progress while it ran
