@@ -81,6 +81,13 @@ class Settings:
     admin_token: str = field(default="", repr=False)
     api_keys_file: str = ""  # LORAPLEX_API_KEYS_FILE: JSON {"<api key>": "<customer id>"}; "" = trust X-Customer-Id
     adapter_store: str = ""  # LORAPLEX_ADAPTER_STORE: the adapter store directory; "" = <home>/adapters
+    # LORAPLEX_ADAPTER_STORE_SHARED: the store is one volume shared by several replicas
+    # (server/lora/shared_store.py): cross-process locks, retired versions kept for the retention
+    adapter_store_shared: bool = False
+    # LORAPLEX_ADAPTER_STORE_RETENTION_SECONDS: how long a shared store keeps a replaced or deleted
+    # version; 0 = max_request_seconds + 60
+    adapter_store_retention_seconds: float = 0.0
+    adapter_store_poll_seconds: float = 5.0  # LORAPLEX_ADAPTER_STORE_POLL_SECONDS: a shared store's sweep period
     # LORAPLEX_HOST_CACHE_BYTES: host RAM tier of the adapter cache; default HOST_CACHE_FRACTION of the
     # memory available when the settings are made (see default_host_cache_bytes)
     host_cache_bytes: int = field(default_factory=lambda: default_host_cache_bytes())
@@ -157,6 +164,10 @@ class Settings:
             raise ValueError("max_request_seconds must be >= 0 (0 = no deadline)")
         if self.host_cache_bytes < 0 or self.max_upload_bytes < 1 or self.max_concurrent_uploads < 1:
             raise ValueError("host_cache_bytes must be >= 0, max_upload_bytes and max_concurrent_uploads >= 1")
+        if self.adapter_store_poll_seconds <= 0:
+            raise ValueError("adapter_store_poll_seconds must be > 0")
+        if self.adapter_store_shared:
+            self.adapter_store_retention()  # raises when no deadline bounds a request's life
         for name in ("gateway_queue_metric", "gateway_kv_usage_metric", "gateway_lora_info_metric"):
             for metric in _names(getattr(self, name)):
                 if not _METRIC_NAME.fullmatch(metric):
@@ -169,6 +180,14 @@ class Settings:
     @property
     def adapter_store_dir(self) -> Path:
         return Path(self.adapter_store).expanduser() if self.adapter_store else self.home / "adapters"
+
+    def adapter_store_retention(self) -> float | None:
+        """Seconds a shared store keeps retired versions; None for a store this process owns."""
+        if not self.adapter_store_shared:
+            return None
+        from server.lora.shared_store import retention_seconds  # no torch: a light import
+
+        return retention_seconds(self.max_request_seconds, self.adapter_store_retention_seconds)
 
     def gateway_metric_names(self, name: str) -> list[str]:
         """The alias names configured in `gateway_<name>_metric` (queue, kv_usage, lora_info)."""
