@@ -111,6 +111,7 @@ class Settings:
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
     # the loraplex_* originals; comma-separated, "none" = do not export. Defaults: vLLM's names (the EPP's).
     gateway_queue_metric: str = "vllm:num_requests_waiting"  # LORAPLEX_GATEWAY_QUEUE_METRIC
+    gateway_running_metric: str = "vllm:num_requests_running"  # LORAPLEX_GATEWAY_RUNNING_METRIC
     # LORAPLEX_GATEWAY_KV_USAGE_METRIC: vLLM renamed it; older endpoint pickers read the old name
     gateway_kv_usage_metric: str = "vllm:kv_cache_usage_perc,vllm:gpu_cache_usage_perc"
     gateway_lora_info_metric: str = "vllm:lora_requests_info"  # LORAPLEX_GATEWAY_LORA_INFO_METRIC
@@ -168,7 +169,8 @@ class Settings:
             raise ValueError("adapter_store_poll_seconds must be > 0")
         if self.adapter_store_shared:
             self.adapter_store_retention()  # raises when no deadline bounds a request's life
-        for name in ("gateway_queue_metric", "gateway_kv_usage_metric", "gateway_lora_info_metric"):
+        for name in ("gateway_queue_metric", "gateway_running_metric", "gateway_kv_usage_metric",
+                     "gateway_lora_info_metric"):
             for metric in _names(getattr(self, name)):
                 if not _METRIC_NAME.fullmatch(metric):
                     raise ValueError(f"{name}: {metric!r} is not a valid Prometheus metric name")
@@ -190,7 +192,7 @@ class Settings:
         return retention_seconds(self.max_request_seconds, self.adapter_store_retention_seconds)
 
     def gateway_metric_names(self, name: str) -> list[str]:
-        """The alias names configured in `gateway_<name>_metric` (queue, kv_usage, lora_info)."""
+        """The alias names configured in `gateway_<name>_metric` (queue, running, kv_usage, lora_info)."""
         return _names(getattr(self, f"gateway_{name}_metric"))
 
 
