@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_deploy_k8s import _image_env
+from tests.deploy_tools import image_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_the_server_service():
     server = compose["services"]["loraplex"]
     assert server["build"] == "."
     mounts = _mounts(server)
-    env = _image_env()
+    env = image_env()
     for variable in ("LORAPLEX_HOME", "LORAPLEX_ADAPTER_STORE"):
         assert mounts[env[variable]] in compose["volumes"], f"{variable} is not on a named volume"
     assert "LORAPLEX_ADMIN_TOKEN" in server["environment"] and ":?" in server["environment"]["LORAPLEX_ADMIN_TOKEN"]
@@ -58,7 +58,7 @@ def test_prometheus_gets_its_config_and_rules_and_scrapes_the_server():
     rules_dir = str(Path(config["rule_files"][0]).parent)
     assert (ROOT / mounts[rules_dir]).is_dir() and list((ROOT / mounts[rules_dir]).glob("*.yml"))
     host, port = config["scrape_configs"][0]["static_configs"][0]["targets"][0].split(":")
-    assert host in compose["services"] and port == _image_env()["LORAPLEX_PORT"]
+    assert host in compose["services"] and port == image_env()["LORAPLEX_PORT"]
 
 
 def test_grafana_gets_its_provisioning_and_dashboards():

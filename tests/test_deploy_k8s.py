@@ -5,7 +5,6 @@ InferencePool and its endpoint picker, the consistent-hash routes)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import yaml
 
 from server.api.auth import CUSTOMER_HEADER
 from server.config import Settings
-from tests.deploy_tools import find_tool
+from tests.deploy_tools import find_tool, image_env
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -69,17 +68,6 @@ def test_the_validator_rejects_a_broken_deployment():
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
 
 
-def _image_env() -> dict[str, str]:
-    """The runtime stage's ENV of the Dockerfile."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    final = text.rsplit("\nFROM ", 1)[1]
-    env = {}
-    for line in final.splitlines():
-        if line.startswith("ENV "):
-            env.update(dict(pair.split("=", 1) for pair in line[4:].split()))
-    return env
-
-
 def test_the_server_deployment(rendered):
     overlay, docs = rendered
     deployment = one(docs, "Deployment", "loraplex")
@@ -103,15 +91,15 @@ def test_the_server_deployment(rendered):
 
     # The image's adapter store path is the shared ReadWriteMany volume, and the server accepts
     # the settings it is given (a shared store needs a deadline: Settings refuses otherwise).
-    image_env = _image_env()
-    store_volume = volumes[mounts[image_env["LORAPLEX_ADAPTER_STORE"]]]
+    env_of_image = image_env()
+    store_volume = volumes[mounts[env_of_image["LORAPLEX_ADAPTER_STORE"]]]
     claim = one(docs, "PersistentVolumeClaim", store_volume["persistentVolumeClaim"]["claimName"])
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert image_env["LORAPLEX_HOME"] in mounts and "/tmp" in mounts  # writable: the root file system is not
+    assert env_of_image["LORAPLEX_HOME"] in mounts and "/tmp" in mounts  # writable: the root file system is not
     plain = {name: e["value"] for name, e in env.items() if "value" in e}
-    settings = Settings.from_env({**image_env, **plain}, admin_token="set-from-the-secret")
+    settings = Settings.from_env({**env_of_image, **plain}, admin_token="set-from-the-secret")
     assert settings.adapter_store_shared and settings.adapter_store_retention() > settings.max_request_seconds
-    assert int(image_env["LORAPLEX_PORT"]) == http_port
+    assert int(env_of_image["LORAPLEX_PORT"]) == http_port
 
     # Termination: preStop, then the drain, must fit in the grace period.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
