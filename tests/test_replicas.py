@@ -17,7 +17,7 @@ from server.config import Settings
 from server.model.config import ModelConfig
 from tests.test_api_admin import ADMIN_TOKEN, AUTH, adapter_files
 
-RETENTION_S = 6.0
+RETENTION_S = 10.0
 
 
 @pytest.fixture(scope="module")
