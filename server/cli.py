@@ -60,6 +60,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--served-model-name", help="the base model's id in the API (default: its directory name)")
     p.add_argument("--adapter-store", help="adapter store directory (default <home>/adapters)")
+    p.add_argument("--adapter-store-shared", action="store_const", const=True,
+                   help="the adapter store is a volume shared by several replicas (see the README's Deployment)")
     p.add_argument("--api-keys-file", help='JSON {"<api key>": "<customer id>"}: require tenant API keys')
     p.add_argument("--max-loras", type=int, help="adapter slots on the device (default: 8 on the CPU; on the GPU as many as --lora-memory-fraction holds)")
     p.add_argument("--lora-memory-fraction", type=float,
@@ -103,7 +105,8 @@ SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapt
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
                   "max_queued_requests_per_tenant", "max_requests_per_tenant", "max_queued_tokens",
-                  "max_queued_tokens_per_tenant", "max_request_seconds", "max_connections", "drain_seconds")
+                  "max_queued_tokens_per_tenant", "max_request_seconds", "max_connections", "drain_seconds",
+                  "adapter_store_shared")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:

@@ -81,6 +81,13 @@ class Settings:
     admin_token: str = field(default="", repr=False)
     api_keys_file: str = ""  # LORAPLEX_API_KEYS_FILE: JSON {"<api key>": "<customer id>"}; "" = trust X-Customer-Id
     adapter_store: str = ""  # LORAPLEX_ADAPTER_STORE: the adapter store directory; "" = <home>/adapters
+    # LORAPLEX_ADAPTER_STORE_SHARED: the store is one volume shared by several replicas
+    # (server/lora/shared_store.py): cross-process locks, retired versions kept for the retention
+    adapter_store_shared: bool = False
+    # LORAPLEX_ADAPTER_STORE_RETENTION_SECONDS: how long a shared store keeps a replaced or deleted
+    # version; 0 = max_request_seconds + 60
+    adapter_store_retention_seconds: float = 0.0
+    adapter_store_poll_seconds: float = 5.0  # LORAPLEX_ADAPTER_STORE_POLL_SECONDS: a shared store's sweep period
     # LORAPLEX_HOST_CACHE_BYTES: host RAM tier of the adapter cache; default HOST_CACHE_FRACTION of the
     # memory available when the settings are made (see default_host_cache_bytes)
     host_cache_bytes: int = field(default_factory=lambda: default_host_cache_bytes())
@@ -104,6 +111,7 @@ class Settings:
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
     # the loraplex_* originals; comma-separated, "none" = do not export. Defaults: vLLM's names (the EPP's).
     gateway_queue_metric: str = "vllm:num_requests_waiting"  # LORAPLEX_GATEWAY_QUEUE_METRIC
+    gateway_running_metric: str = "vllm:num_requests_running"  # LORAPLEX_GATEWAY_RUNNING_METRIC
     # LORAPLEX_GATEWAY_KV_USAGE_METRIC: vLLM renamed it; older endpoint pickers read the old name
     gateway_kv_usage_metric: str = "vllm:kv_cache_usage_perc,vllm:gpu_cache_usage_perc"
     gateway_lora_info_metric: str = "vllm:lora_requests_info"  # LORAPLEX_GATEWAY_LORA_INFO_METRIC
@@ -157,7 +165,12 @@ class Settings:
             raise ValueError("max_request_seconds must be >= 0 (0 = no deadline)")
         if self.host_cache_bytes < 0 or self.max_upload_bytes < 1 or self.max_concurrent_uploads < 1:
             raise ValueError("host_cache_bytes must be >= 0, max_upload_bytes and max_concurrent_uploads >= 1")
-        for name in ("gateway_queue_metric", "gateway_kv_usage_metric", "gateway_lora_info_metric"):
+        if self.adapter_store_poll_seconds <= 0:
+            raise ValueError("adapter_store_poll_seconds must be > 0")
+        if self.adapter_store_shared:
+            self.adapter_store_retention()  # raises when no deadline bounds a request's life
+        for name in ("gateway_queue_metric", "gateway_running_metric", "gateway_kv_usage_metric",
+                     "gateway_lora_info_metric"):
             for metric in _names(getattr(self, name)):
                 if not _METRIC_NAME.fullmatch(metric):
                     raise ValueError(f"{name}: {metric!r} is not a valid Prometheus metric name")
@@ -170,8 +183,16 @@ class Settings:
     def adapter_store_dir(self) -> Path:
         return Path(self.adapter_store).expanduser() if self.adapter_store else self.home / "adapters"
 
+    def adapter_store_retention(self) -> float | None:
+        """Seconds a shared store keeps retired versions; None for a store this process owns."""
+        if not self.adapter_store_shared:
+            return None
+        from server.lora.shared_store import retention_seconds  # no torch: a light import
+
+        return retention_seconds(self.max_request_seconds, self.adapter_store_retention_seconds)
+
     def gateway_metric_names(self, name: str) -> list[str]:
-        """The alias names configured in `gateway_<name>_metric` (queue, kv_usage, lora_info)."""
+        """The alias names configured in `gateway_<name>_metric` (queue, running, kv_usage, lora_info)."""
         return _names(getattr(self, f"gateway_{name}_metric"))
 
 

@@ -177,6 +177,8 @@ class _EngineCollector:
         s = self.snapshot()
         names = self.settings.gateway_metric_names
         yield _gauge("loraplex_num_requests_running", "Sequences in the running batch", s.num_running)
+        for name in names("running"):
+            yield _gauge(name, "Requests running (alias of loraplex_num_requests_running)", s.num_running)
         yield _gauge("loraplex_num_requests_waiting", "Sequences queued, not yet running", s.num_waiting)
         for name in names("queue"):
             yield _gauge(name, "Requests queued (alias of loraplex_num_requests_waiting)", s.num_waiting)

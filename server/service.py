@@ -10,6 +10,11 @@ counts it in flight until `release_adapter`; an upload or delete passes the vers
 flight to the cache, which keeps their files, so a replace or delete never disturbs a running
 request, and new requests see the change at once. When the last request on a retired version
 finishes, its files are pruned.
+
+Replicas sharing one store (`LORAPLEX_ADAPTER_STORE_SHARED`): each also runs a `StoreSweeper`
+that retires, in its own cache, the versions another replica replaced or deleted, and lets the
+store prune retired versions once no request on any replica can still use them
+(server/lora/shared_store.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from server.engine.loop import EngineLoop, StreamEvent
 from server.engine.request import GenerationRequest
 from server.lora.cache import AdapterCache, AdapterKey
 from server.lora.peft import AdapterValidationError, load_peft_adapter, max_adapter_upload_bytes
+from server.lora.shared_store import StoreSweeper
 from server.lora.store import AdapterNotFound, AdapterRecord, AdapterStore, check_customer_id
 from server.metrics import EngineSnapshot, Metrics
 from server.model.config import ModelConfig
@@ -98,12 +104,16 @@ class Service:
             settings.max_queued_tokens, settings.max_queued_tokens_per_tenant))
         self._in_flight: Counter[AdapterKey] = Counter()
         self._lock = threading.Lock()  # orders version resolution against retirement of versions
+        self.sweeper: StoreSweeper | None = None
+        if store.shared_retention_s is not None:
+            self.sweeper = StoreSweeper(self._customers_to_sweep, self.retire_old_versions,
+                                        settings.adapter_store_poll_seconds)
 
     @classmethod
     def start(cls, settings: Settings, metrics: Metrics | None = None) -> "Service":
         """Prepare and load the model, open the adapter store, start the engine thread."""
         model_dir = prepare_model(settings, settings.model, progress=False)
-        store = AdapterStore(settings.adapter_store_dir)
+        store = AdapterStore(settings.adapter_store_dir, shared_retention_s=settings.adapter_store_retention())
         model_config = ModelConfig.from_dir(model_dir)
         caches: list[AdapterCache] = []
 
@@ -120,10 +130,14 @@ class Service:
                             str(dtype).removeprefix("torch."))
         service = cls(settings, engine, store, caches[0], model)
         service.loop.start()
+        if service.sweeper is not None:
+            service.sweeper.start()
         log.info("serving %s on %s (%s)", model.name, model.device, model.dtype)
         return service
 
     def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.loop.stop()
         self.cache.close()
 
@@ -163,20 +177,38 @@ class Service:
             if self._in_flight[key] > 0:
                 return
             del self._in_flight[key]
+        # The last request on this version finished: if it was replaced or deleted, its files can go.
+        self.retire_old_versions(customer_id, unless_current=version)
+
+    def retire_old_versions(self, customer_id: str, unless_current: int | None = None) -> None:
+        """Drop the customer's non-current versions from the cache and prune their files, but
+        those that requests in flight here still carry (and, in a shared store, those retired too
+        recently for the other replicas' requests to have ended)."""
+        with self._lock:
             try:
                 current = self.store.get(customer_id).version
             except AdapterNotFound:
                 current = None
             except Exception:  # a damaged store: leave the files for the next start
                 return
-            if current == version:
+            if unless_current is not None and current == unless_current:
                 return
             in_use = self._versions_in_flight(customer_id)
-        # The last request on a replaced or deleted version finished: its files can go.
         if current is None:
             self.cache.forget(customer_id, in_use)
         else:
             self.cache.release_old_versions(customer_id, current, in_use)
+
+    def _customers_to_sweep(self) -> set[str]:
+        """Customers with retired versions on disk, or cached here while no longer current."""
+        customers = set(self.store.customers_with_old_versions())
+        held: dict[str, set[int]] = {}
+        for customer_id, version in self.cache.held_keys():
+            held.setdefault(customer_id, set()).add(version)
+        for customer_id, versions in held.items():
+            if customer_id not in customers and versions - {self.store.current_version(customer_id)}:
+                customers.add(customer_id)
+        return customers
 
     def _versions_in_flight(self, customer_id: str) -> set[int]:
         return {version for (c, version) in self._in_flight if c == customer_id}

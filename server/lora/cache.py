@@ -287,6 +287,14 @@ class AdapterCache:
                 return AdapterState.FAILED
             return AdapterState.ON_DISK
 
+    def held_keys(self) -> set[AdapterKey]:
+        """Every adapter held in host RAM or a device slot."""
+        with self._lock:
+            held = {*self._host.keys(), *(key for _, key in self._slots.residents())}
+            if self._oversized:
+                held.add(self._oversized[0])
+            return held
+
     def resident_keys(self) -> list[AdapterKey]:
         """The adapters in device slots, by slot."""
         with self._lock:

@@ -1,6 +1,7 @@
 """The on-SSD adapter store: one directory per customer and version, written atomically.
 
-Layout under `root` (one server process owns it; nothing else writes there):
+Layout under `root` (one server process owns it, or several replicas share it: see
+server/lora/shared_store.py for what sharing changes):
 
     <customer_id>/v<N>/adapter_config.json         the uploaded bytes, unchanged
     <customer_id>/v<N>/adapter_model.safetensors   the uploaded bytes, unchanged
@@ -8,6 +9,7 @@ Layout under `root` (one server process owns it; nothing else writes there):
     <customer_id>/current                          "N": the version `get` serves
     <customer_id>/last_version                     highest N ever assigned (never reused)
     <customer_id>/.tmp-<random>                    a put or prune in progress
+    .locks/<customer_id>                           flock'd by puts, deletes and prunes of the customer
 
 Crash safety. A put validates first, then writes all files into a `.tmp-` dir and fsyncs each
 file and the dir, renames it to `v<N>` and fsyncs the parent, and only then replaces `current`
@@ -28,7 +30,9 @@ requests in flight may still be loading it; `prune(customer_id, keep)` removes t
 that are neither current nor in `keep` (the adapter cache calls it once no request uses them),
 and the next start removes the rest. `delete` only removes `current`, so the adapter is
 invisible at once. Puts, deletes and prunes of one customer are serialised by a per-customer
-lock; reads take no lock (they read `current`, then its version directory).
+lock, also across processes (flock); reads take no lock (they read `current`, then its version
+directory). A shared store (`shared_retention_s` set) keeps retired versions for that long and
+removes only stale temp dirs at start (server/lora/shared_store.py).
 
 Checksums. `put` records the sha256 of the uploaded weights. `open_verified` (the cache's
 loads) checks sizes every time but hashes the weights file only the first time this store
@@ -59,6 +63,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from server.lora.adapter import LoRAAdapter
+from server.lora.shared_store import is_stale_temp, lock_customer, retired_long_enough
 
 CUSTOMER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 CONFIG_FILE = "adapter_config.json"
@@ -152,8 +157,11 @@ def check_customer_id(customer_id: object) -> str:
 
 
 class AdapterStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, shared_retention_s: float | None = None):
+        """`shared_retention_s`: None when this process owns the store; for a store shared by
+        replicas, how long a retired version stays on disk (shared_store.retention_seconds)."""
         self.root = Path(root)
+        self.shared_retention_s = shared_retention_s
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -178,6 +186,10 @@ class AdapterStore:
         if not self._version_dir(customer_id, version).is_dir():
             raise AdapterNotFound(f"no version {version} of the adapter of customer {customer_id!r}")
         return self._read_record(customer_id, version)
+
+    def current_version(self, customer_id: str) -> int | None:
+        """The number `current` names (None: no adapter), without reading its record."""
+        return self._current_version(check_customer_id(customer_id))
 
     def list(self) -> list[AdapterRecord]:
         """Current versions sorted by customer id; a damaged one raises AdapterStoreCorrupt."""
@@ -303,9 +315,23 @@ class AdapterStore:
             return self._prune(customer_id, keep)
 
     # --- internals
-    def _lock(self, customer_id: str) -> threading.Lock:
+    def _lock(self, customer_id: str):
         with self._locks_guard:
-            return self._locks.setdefault(customer_id, threading.Lock())
+            thread_lock = self._locks.setdefault(customer_id, threading.Lock())
+        return lock_customer(self.root, customer_id, thread_lock)
+
+    def customers_with_old_versions(self) -> list[str]:
+        """Customers whose directory holds a version that is not current (retired, not yet pruned)."""
+        found = []
+        for customer_dir in sorted(self.root.iterdir()):
+            if customer_dir.is_dir() and _is_valid_id(customer_dir.name):
+                try:
+                    current = self._current_version(customer_dir.name)
+                except AdapterStoreCorrupt:
+                    continue
+                if any(v != current for v in self._stored_versions(customer_dir.name)):
+                    found.append(customer_dir.name)
+        return found
 
     def _version_dir(self, customer_id: str, version: int) -> Path:
         return self.root / customer_id / f"v{int(version)}"
@@ -326,6 +352,9 @@ class AdapterStore:
     def _prune(self, customer_id: str, keep: set[int]) -> list[int]:
         current = self._current_version(customer_id)
         removed = [v for v in self._stored_versions(customer_id) if v != current and v not in keep]
+        if self.shared_retention_s is not None:  # other replicas' requests may still use it
+            removed = [v for v in removed
+                       if retired_long_enough(self._version_dir(customer_id, v), self.shared_retention_s)]
         for version in removed:
             self._verified.pop(self._version_dir(customer_id, version) / WEIGHTS_FILE, None)
             # Renamed first, so a crash mid-removal leaves a temp dir, never a half version.
@@ -341,14 +370,18 @@ class AdapterStore:
             if not (customer_dir.is_dir() and _is_valid_id(customer_dir.name)):
                 continue
             for entry in customer_dir.iterdir():
-                if entry.name.startswith(TEMP_PREFIX):
+                if entry.name.startswith(TEMP_PREFIX) and (
+                        self.shared_retention_s is None or is_stale_temp(entry, self.shared_retention_s)):
                     log.info("removing %s, left over from an interrupted write", entry)
                     if entry.is_dir():
                         shutil.rmtree(entry)
                     else:
                         entry.unlink()
             try:
-                self._prune(customer_dir.name, keep=set())
+                # Locked: in a shared store another replica's put may have a new version
+                # renamed into place but not yet current.
+                with self._lock(customer_dir.name):
+                    self._prune(customer_dir.name, keep=set())
             except AdapterStoreCorrupt as e:
                 log.error("%s; not pruning its versions", e)
 
