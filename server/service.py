@@ -229,11 +229,8 @@ class Service:
             raise AdapterValidationError(
                 "adapter_model is a pickled PyTorch file (adapter_model.bin), which is never loaded: upload "
                 "adapter_model.safetensors (peft's save_pretrained(..., safe_serialization=True))", "adapter_model")
-        adapter = load_peft_adapter(config_bytes, weights_bytes, self.model_config,
-                                    max_rank=self.settings.max_lora_rank, max_bytes=self.upload_limit)
-        if adapter.use_dora:  # TEMPORARY: parsed and mergeable, served once the DoRA step path lands
-            raise AdapterValidationError("use_dora=True: DoRA serving is not supported yet", "use_dora")
-        return adapter
+        return load_peft_adapter(config_bytes, weights_bytes, self.model_config,
+                                 max_rank=self.settings.max_lora_rank, max_bytes=self.upload_limit)
 
     def put_adapter(self, customer_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterRecord:
         """Validate and store a new version, make it current, retire older unused versions."""

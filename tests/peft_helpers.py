@@ -29,15 +29,15 @@ DORA_CONFIGS = {
 }
 
 
-def randomize_adapter(peft_model, b_std: float = 0.05, adapter_name: str = "default") -> None:
-    """lora_B ~ N(0, b_std) (peft starts it at zero) and DoRA magnitudes scaled by 1 + N(0, 0.2)
+def randomize_adapter(peft_model, b_std: float = 0.05, adapter_name: str = "default", m_std: float = 0.1) -> None:
+    """lora_B ~ N(0, b_std) (peft starts it at zero) and DoRA magnitudes scaled by 1 + N(0, m_std)
     per channel, so that every part of the adapter changes the output."""
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if f"lora_B.{adapter_name}." in name:
                 p.normal_(0, b_std)
             elif f"lora_magnitude_vector.{adapter_name}" in name:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
+                p.mul_(1 + m_std * torch.randn_like(p))
 
 
 def make_peft_model(base, config_name: str, seed: int, b_std: float = 0.05):
