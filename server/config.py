@@ -101,6 +101,9 @@ class Settings:
     # 503) before the rest end with an error and the server exits (server/api/drain.py)
     drain_seconds: float = 20.0
     max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
+    # LORAPLEX_SHARED_ADAPTERS: the adapters a composition (POST /admin/adapters/{id}/compose) may read
+    # besides the customer's own: comma-separated customer ids, "*" = every stored adapter, "none" = none
+    shared_adapters: str = "*"
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
     # the loraplex_* originals; comma-separated, "none" = do not export. Defaults: vLLM's names (the EPP's).
     gateway_queue_metric: str = "vllm:num_requests_waiting"  # LORAPLEX_GATEWAY_QUEUE_METRIC
@@ -169,6 +172,11 @@ class Settings:
     @property
     def adapter_store_dir(self) -> Path:
         return Path(self.adapter_store).expanduser() if self.adapter_store else self.home / "adapters"
+
+    @property
+    def shared_adapter_ids(self) -> frozenset[str] | None:
+        """Customer ids whose adapters any composition may read; None = every adapter."""
+        return None if self.shared_adapters.strip() == "*" else frozenset(_names(self.shared_adapters))
 
     def gateway_metric_names(self, name: str) -> list[str]:
         """The alias names configured in `gateway_<name>_metric` (queue, kv_usage, lora_info)."""

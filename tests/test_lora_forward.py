@@ -38,11 +38,11 @@ def adapters(base, tmp_path_factory):
     return out
 
 
-def _setup(path, adapters):
+def _setup(path, adapters, max_rank=16):
     model = load_model(path, torch.float32, "cpu")
     c = model.config
     kv = KVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
-    pool = AdapterPool(model, max_adapters=len(adapters) + 1, max_rank=16)
+    pool = AdapterPool(model, max_adapters=len(adapters) + 1, max_rank=max_rank)
     slots = {}
     for slot, (name, (_, adapter)) in enumerate(sorted(adapters.items()), start=1):  # slot 0 stays empty
         pool.load(slot, adapter)
