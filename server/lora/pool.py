@@ -276,7 +276,7 @@ class AdapterPool:
                 dora_modules.append((layer, projection_of[module], self._slice_of[module][1], offset, m.rank, m.scale))
                 offset += m.magnitude.numel()
             magnitudes = torch.cat([m.magnitude.float() for m in adapter.modules.values()])
-            if self._copy_stream is not None:
+            if self._copy_stream is not None and magnitudes.device.type == "cpu":
                 magnitudes = magnitudes.pin_memory()
         return SlotPlan(sum(g.numel for g in adapter.layout), tuple(groups), rows, scales, ranks,
                         self.pages_for(adapter), targeted, magnitudes, tuple(dora_modules))
