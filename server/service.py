@@ -15,6 +15,9 @@ finishes, its files are pruned.
 from __future__ import annotations
 
 import logging
+import shutil
+import tarfile
+import tempfile
 import threading
 import time
 import weakref
@@ -30,6 +33,8 @@ from server.engine.loop import EngineLoop, StreamEvent
 from server.engine.request import GenerationRequest
 from server.lora.cache import AdapterCache, AdapterKey
 from server.lora.compose import Recipe, SourceForbidden, compose
+from server.lora.merge import merge_adapter_dir
+from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
 from server.lora.peft import AdapterValidationError, load_peft_adapter, max_adapter_upload_bytes
 from server.lora.store import AdapterNotFound, AdapterRecord, AdapterStore, check_customer_id
 from server.metrics import EngineSnapshot, Metrics
@@ -268,6 +273,31 @@ class Service:
             {"customer_id": r.customer_id, "version": r.version, "sha256": r.sha256, "weight": s.weight}
             for r, s in zip(records, recipe.sources)]}
         return self.put_adapter(customer_id, config_bytes, weights_bytes, recipe=provenance)
+
+    def export_merged(self, customer_id: str) -> tuple[Path, Path, str]:
+        """The customer's current adapter merged into the served base checkpoint, as one tar file
+        (server/lora/merge.py): (work directory to remove once sent, the tar, its top directory's
+        name). Built under <home>/exports: it takes about twice the checkpoint's size on disk."""
+        record = self.store.get(check_customer_id(customer_id))
+        config_bytes, weights_bytes = self.store.read_files(record)  # sha256-checked
+        exports = self.settings.home / "exports"
+        exports.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{customer_id}-", dir=exports))
+        try:
+            adapter_dir = work / "adapter"
+            adapter_dir.mkdir()
+            (adapter_dir / CONFIG_FILE).write_bytes(config_bytes)
+            (adapter_dir / WEIGHTS_FILE).write_bytes(weights_bytes)
+            name = f"{self.model.name}-{customer_id}-v{record.version}-merged"
+            merged = merge_adapter_dir(adapter_dir, self.model.path, work / name)
+            tar_path = work / f"{name}.tar"
+            with tarfile.open(tar_path, "w") as tar:
+                tar.add(merged, arcname=name)
+            shutil.rmtree(merged)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return work, tar_path, name
 
     def delete_adapter(self, customer_id: str) -> AdapterRecord:
         record = self.store.delete(customer_id)

@@ -1,7 +1,7 @@
 """POST /admin/adapters/{customer_id}/compose over real HTTP (on test_api_admin's server): the
 stored version is exactly server/lora/compose.py's composition of the sources (which
 tests/test_compose.py checks against peft), carries its recipe, serves, and every invalid recipe
-is refused with a clear 4xx that changes nothing stored."""
+is refused with a clear 4xx that changes nothing stored. And GET .../merged, the merged export."""
 
 from __future__ import annotations
 
@@ -117,3 +117,36 @@ def test_svd_of_the_api_equals_peft_reconstruction_bound(sources, model_config):
         singular = torch.linalg.svdvals(exact)
         error = torch.linalg.matrix_norm(m.scale * m.lora_b @ m.lora_a - exact)
         assert error == pytest.approx(singular[3:].norm().item(), rel=1e-3, abs=1e-6), key
+
+
+def test_merged_export_is_the_merge_of_the_stored_adapter(server, http, sources, tmp_path, monkeypatch):
+    """GET .../merged: a tar of `loraplex merge`'s checkpoint for the customer's current version
+    (tests/test_merge.py checks merging against peft); the export's work files are removed."""
+    import io
+    import tarfile
+    import time
+
+    from server.lora.merge import merge_adapter_dir
+
+    service = server.app.state.service  # exports are built under <home>/exports: a temporary home here
+    monkeypatch.setattr(service, "settings", dataclasses.replace(service.settings, home=tmp_path / "home"))
+    response = http.get("/admin/adapters/style/merged", headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        tar.extractall(tmp_path / "export", filter="data")
+    (exported,) = (tmp_path / "export").iterdir()
+    assert exported.name.endswith("-style-v1-merged")
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_bytes(sources["style"][0])
+    (adapter_dir / "adapter_model.safetensors").write_bytes(sources["style"][1])
+    expected = merge_adapter_dir(adapter_dir, service.model.path, tmp_path / "expected")
+    assert (exported / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in exported.iterdir()) == sorted(p.name for p in expected.iterdir())
+    deadline = time.monotonic() + 10
+    while any((tmp_path / "home" / "exports").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # removed by a background task once the body is sent
+    assert not any((tmp_path / "home" / "exports").iterdir())
+    _assert_error(http.get("/admin/adapters/nobody/merged", headers=AUTH), 404)
+    assert http.get("/admin/adapters/style/merged").status_code == 401

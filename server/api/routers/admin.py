@@ -14,11 +14,13 @@ sources themselves, and the composed adapter is validated and stored as an uploa
 from __future__ import annotations
 
 import asyncio
+import shutil
 from typing import AsyncIterator, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -85,6 +87,19 @@ async def compose_adapter(customer_id: str, body: ComposeRequest, request: Reque
         record = await asyncio.to_thread(service.compose_adapter, customer_id, recipe)
     return JSONResponse(_describe(service, record), status_code=201,
                         headers={"Location": f"/admin/adapters/{record.customer_id}"})
+
+
+@router.get("/adapters/{customer_id}/merged", response_class=FileResponse, responses={
+    200: {"description": "a tar of the merged checkpoint directory", "content": {"application/x-tar": {}}}})
+async def export_merged(customer_id: str, request: Request, service: Service = Depends(get_service)) -> FileResponse:
+    """The customer's current adapter merged into the base model (`loraplex merge`), as a tar of a
+    checkpoint directory that `loraplex serve --model` serves. (Declared before the detail route,
+    whose path parameter would take ".../merged" too.)"""
+    check_customer_id(customer_id)
+    async with request.app.state.upload_slots:  # a merge reads and writes the whole checkpoint
+        work, tar_path, name = await asyncio.to_thread(service.export_merged, customer_id)
+    return FileResponse(tar_path, media_type="application/x-tar", filename=f"{name}.tar",
+                        background=BackgroundTask(shutil.rmtree, work, ignore_errors=True))
 
 
 @router.get("/adapters")
