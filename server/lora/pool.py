@@ -108,7 +108,7 @@ class AdapterPool:
         self._dora_factors = torch.ones(num_pages, sum(widths), dtype=torch.float32, device=self.device)
         self._dora_slots = torch.zeros(num_pages, dtype=torch.int32, device=self.device)
         self._dora_columns = {}  # (layer, projection) -> first column in _dora_factors
-        self._weights = {}  # (layer, projection) -> (base weight (out, in), slice row offsets)
+        self._weights = {}  # (layer, projection) -> (base weight (out, in), slice row offsets, slice widths)
         column = 0
         for (layer, name, proj), width in zip(projections, widths):
             self._dora_columns[(layer, name)] = column
