@@ -15,6 +15,7 @@ finishes, its files are pruned.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tarfile
 import tempfile
@@ -288,7 +289,8 @@ class Service:
             adapter_dir.mkdir()
             (adapter_dir / CONFIG_FILE).write_bytes(config_bytes)
             (adapter_dir / WEIGHTS_FILE).write_bytes(weights_bytes)
-            name = f"{self.model.name}-{customer_id}-v{record.version}-merged"
+            base_name = re.sub(r"[^A-Za-z0-9._-]", "_", self.model.name)  # a served name may be "org/model"
+            name = f"{base_name}-{customer_id}-v{record.version}-merged"
             merged = merge_adapter_dir(adapter_dir, self.model.path, work / name)
             tar_path = work / f"{name}.tar"
             with tarfile.open(tar_path, "w") as tar:
