@@ -75,7 +75,7 @@ class ComposeRequest(BaseModel):
     rank: int | None = Field(None, ge=1)  # svd only: the composed rank (default: the largest source rank)
 
 
-@router.post("/adapters/{customer_id}/compose", status_code=201)
+@router.post("/adapters/{customer_id:path}/compose", status_code=201)
 async def compose_adapter(customer_id: str, body: ComposeRequest, request: Request,
                           service: Service = Depends(get_service)) -> JSONResponse:
     """Store the weighted composition of stored adapters as the customer's new version (peft's
@@ -89,7 +89,7 @@ async def compose_adapter(customer_id: str, body: ComposeRequest, request: Reque
                         headers={"Location": f"/admin/adapters/{record.customer_id}"})
 
 
-@router.get("/adapters/{customer_id}/merged", response_class=FileResponse, responses={
+@router.get("/adapters/{customer_id:path}/merged", response_class=FileResponse, responses={
     200: {"description": "a tar of the merged checkpoint directory", "content": {"application/x-tar": {}}}})
 async def export_merged(customer_id: str, request: Request, service: Service = Depends(get_service)) -> FileResponse:
     """The customer's current adapter merged into the base model (`loraplex merge`), as a tar of a
