@@ -14,7 +14,8 @@ interpreter (TRITON_INTERPRET=1) before a test can.
 The model's elementwise ops dispatch the same way: `rms_norm` (with the residual add fused in),
 `silu_and_mul` and `apply_rope_qk` (with `apply_rope_and_write_kv`, the rotation and the KV cache
 write in one launch), each a Triton kernel beside its reference in `triton_norm.py`,
-`triton_activation.py` and `triton_rope.py`.
+`triton_activation.py` and `triton_rope.py`; so does `dora_scale`, DoRA's per-channel
+output factor after the LoRA delta (`triton_dora.py`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def lora_expand(y, v, lora_b, scales, meta, slot_ranks=None):
     if ops is not None:
         return ops[1](y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
     return lora_expand_reference(y, v, lora_b, scales, meta, slot_ranks=slot_ranks)
+
+
+def dora_scale(y, bias, factors, dora_slots, meta):
+    """DoRA's output scaling after `lora_apply`: y[t] = f * y[t] + (1 - f) * bias with f =
+    factors[s] for every token t of a slot s >= 0 with dora_slots[s] set (triton_dora.py)."""
+    if y.is_cuda and _triton_ops() is not None:
+        from kernels.triton_dora import dora_scale as triton_dora_scale
+
+        return triton_dora_scale(y, bias, factors, dora_slots, meta.token_slots)
+    from kernels.triton_dora import dora_scale_reference
+
+    return dora_scale_reference(y, bias, factors, dora_slots, meta.token_slots)
 
 
 def write_kv(k_cache, v_cache, slot_mapping, k, v):
@@ -135,5 +148,5 @@ def apply_rope_qk(q, k, positions, inv_freq, cos_sin=None):
     return apply_rope_qk_reference(q, k, positions, inv_freq, cos_sin)
 
 
-__all__ = ["LoRABatchMeta", "lora_apply", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
+__all__ = ["LoRABatchMeta", "lora_apply", "dora_scale", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
            "paged_attention", "write_kv", "rms_norm", "silu_and_mul", "apply_rope_qk", "apply_rope_and_write_kv"]

@@ -73,8 +73,9 @@ class LoRABatchMeta:
     # host-side hints for choosing a launch configuration (never read back from the device)
     num_tiles_hint: dict[int, int] = field(default_factory=dict, repr=False)
     max_group_tokens: int = 0
-    # names of the model's projections whose LoRA kernels run this step (None: all); set by the
-    # model runner from what the batch's adapters target (the kernels never read it)
+    # names of the model's projections whose LoRA kernels run this step (None: all), plus "dora"
+    # when DoRA's scaling runs after them (server/model/llama.py: DORA); set by the model runner
+    # from what the batch's adapters target (the kernels never read it)
     projections: frozenset | None = field(default=None, repr=False)
     _sorted64: torch.Tensor | None = field(default=None, repr=False)  # int64 twin of sorted_tokens
     _groups: list[tuple[int, int, int]] = field(default_factory=list, repr=False)  # (slot, start, count), slot >= 0

@@ -1,6 +1,6 @@
 """Decode throughput of the engine with and without adapters, on a Llama-2-7B-shaped model.
 
-    PYTHONPATH=. python3 loadtest/bench_engine_lora.py [--out DIR]
+    PYTHONPATH=. python3 loadtest/bench_engine_lora.py [--out DIR] [--dora]
 
 Batch 64, each sequence on its own rank-16 adapter: (a) q,k,v,o and (b) all seven
 projections, against the same engine with no adapters, in one run. Reports tokens/s, the
@@ -9,6 +9,11 @@ them: base weights + the KV cache at the measured context + the batch's adapters
 Also adapter swap-in, as the issue's targets: host -> device of a pinned rank-16 all-linear adapter
 (80 MB) into a slot, and disk -> device (rank-16 all-linear, and q,k,v,o) against a plain read of
 the same file, both from the page cache; medians of several after warm-up.
+
+With --dora (issue 14): batch 64 of 64 distinct DoRA adapters against 64 distinct LoRA adapters
+of the same rank and modules (and no adapters), q,k,v,o and all seven projections, in one run;
+and host -> device swap-in of a DoRA adapter (which computes its factors on the GPU) against the
+same adapter as LoRA (engine_dora_bench_h200.json).
 """
 
 from __future__ import annotations
@@ -127,9 +132,34 @@ def swap_in_disk_row(pool, store: AdapterStore, cfg, adapter, name: str) -> dict
             "repeats": SWAP_REPEATS}
 
 
+def dora_rows(engine: Engine, base_tps: float) -> list[dict]:
+    """64 DoRA vs 64 LoRA adapters (same rank, modules and A/B values) per module set, then swap-in."""
+    cfg, rows = engine.model.config, []
+    for name, modules in (("qkvo", QKVO), ("all-linear", ALL)):
+        tps = {}
+        for kind in ("lora", "dora"):
+            for i in range(BATCH):
+                engine.add_adapter(f"{kind}-{name}-{i}", random_adapter(cfg, RANK, modules, seed=i, device="cuda",
+                                                                        dora=kind == "dora"))
+            names = [f"{kind}-{name}-{i}" for i in range(BATCH)]
+            decode_tokens_per_s(engine, names)  # warm-up, loads the slots
+            tps[kind] = decode_tokens_per_s(engine, names)
+        rows.append({"case": f"64 distinct rank-16 DoRA vs LoRA adapters on {name}", "lora_tokens_per_s": tps["lora"],
+                     "dora_tokens_per_s": tps["dora"], "dora_over_lora": tps["dora"] / tps["lora"],
+                     "lora_over_base": tps["lora"] / base_tps, "dora_over_base": tps["dora"] / base_tps})
+    for kind in ("lora", "dora"):
+        adapter = random_adapter(cfg, RANK, ALL, seed=999, device="cpu", dora=kind == "dora").packed(pin_memory=True)
+        engine.pool.plan(adapter)
+        rows.append({"case": f"swap-in host->device (pinned, rank-16 all-linear, {kind})",
+                     "median_ms": _median_ms(lambda: engine.pool.load(0, adapter)), "repeats": SWAP_REPEATS})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "loadtest/results"))
+    parser.add_argument("--dora", action="store_true", help="64 DoRA adapters against 64 LoRA adapters of the "
+                                                             "same rank (and none), in one run")
     args = parser.parse_args()
     settings = Settings(device="cuda", dtype="bfloat16", max_loras=BATCH, max_lora_rank=RANK, max_num_seqs=BATCH,
                         num_kv_blocks=BATCH * (PROMPT + DECODE_STEPS + 32) // 16 + 16, max_num_batched_tokens=8192,
@@ -143,6 +173,16 @@ def main() -> None:
     decode_tokens_per_s(engine, [None] * BATCH)  # warm-up: allocator growth, cuBLAS and Triton compiles
     base_tps = decode_tokens_per_s(engine, [None] * BATCH)
     rows.append({"case": "no adapters", "tokens_per_s": base_tps})
+    if args.dora:
+        rows += dora_rows(engine, base_tps)
+        for r in rows:
+            print(json.dumps(r))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "engine_dora_bench_h200.json").write_text(json.dumps({
+            "command": "PYTHONPATH=. python3 loadtest/bench_engine_lora.py --dora",
+            "device": torch.cuda.get_device_name(), "model": "Llama-2-7B shape, random bf16", "batch": BATCH,
+            "prompt_tokens": PROMPT, "rows": rows}, indent=2))
+        return
     for name, modules in (("qkvo", QKVO), ("all-linear", ALL)):
         adapter_bytes = 0
         for i in range(BATCH):

@@ -3,6 +3,7 @@
 #
 #   bash loadtest/gpu_session.sh tests     # the GPU tests (-m gpu), log in $OUT/gpu_tests.log
 #   bash loadtest/gpu_session.sh micro     # attention and engine benchmarks (JSON in $OUT)
+#   bash loadtest/gpu_session.sh dora      # 64 DoRA vs 64 LoRA adapters, one run (engine_dora_bench_h200.json)
 #   bash loadtest/gpu_session.sh serving [bench_serving.py args]   # the HTTP serving benchmark
 #
 # The machine lacks fastapi, uvicorn, pydantic, cachetools, python-multipart and httptools: they
@@ -19,17 +20,21 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-mode=${1:?tests, micro or serving}
+mode=${1:?tests, micro, dora or serving}
 shift
 
 case "$mode" in
   tests)
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
     # the KV write and fused elementwise tests are not marked gpu: the CPU interpreter in CI, CUDA here
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kv_write.py tests/test_fused_elementwise.py 2>&1 | tee "$OUT/gpu_tests.log"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kv_write.py tests/test_fused_elementwise.py \
+      tests/test_dora_kernel.py 2>&1 | tee "$OUT/gpu_tests.log"
     timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
       tests/test_paged_attention_gpu.py tests/test_fused_elementwise_gpu.py tests/test_engine_gpu.py tests/test_lora_forward_gpu.py \
-      tests/test_lora_kernels_gpu.py -k "not sweep" "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
+      tests/test_lora_kernels_gpu.py tests/test_dora_gpu.py -k "not sweep" "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
+    ;;
+  dora)
+    timeout 400 python3 loadtest/bench_engine_lora.py --dora --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_engine_dora.log"
     ;;
   micro)
     timeout 150 python3 loadtest/bench_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log"

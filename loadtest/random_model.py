@@ -38,9 +38,11 @@ def random_model(shape: dict, dtype: torch.dtype, device: str, seed: int = 0) ->
 
 
 def random_adapter(
-    cfg: ModelConfig, rank: int, modules: tuple[str, ...], seed: int, device="cpu", dtype=torch.bfloat16, b_std: float = 0.01
+    cfg: ModelConfig, rank: int, modules: tuple[str, ...], seed: int, device="cpu", dtype=torch.bfloat16, b_std: float = 0.01,
+    dora: bool = False,
 ) -> LoRAAdapter:
-    """Random A (scaled by 1/sqrt(fan_in)) and B (N(0, b_std)) for `modules` in every layer, scale 2."""
+    """Random A (scaled by 1/sqrt(fan_in)) and B (N(0, b_std)) for `modules` in every layer, scale 2;
+    with `dora`, a DoRA adapter with magnitudes drawn from U(0.5, 1.5)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = cfg.linear_shapes()
     weights = {}
@@ -51,8 +53,10 @@ def random_adapter(
                 lora_a=(torch.randn(rank, fan_in, generator=gen, device=device) / fan_in**0.5).to(dtype),
                 lora_b=(torch.randn(fan_out, rank, generator=gen, device=device) * b_std).to(dtype),
                 scale=2.0,
+                magnitude=(torch.rand(fan_out, generator=gen, device=device) + 0.5) if dora else None,
             )
-    return LoRAAdapter(rank=rank, alpha=2.0 * rank, use_rslora=False, target_modules=tuple(sorted(modules)), modules=weights)
+    return LoRAAdapter(rank=rank, alpha=2.0 * rank, use_rslora=False, target_modules=tuple(sorted(modules)), modules=weights,
+                       use_dora=dora)
 
 
 class StubTokenizer:

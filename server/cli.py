@@ -1,4 +1,4 @@
-"""`loraplex` command line: serve (the HTTP API), prepare-model, generate."""
+"""`loraplex` command line: serve (the HTTP API), prepare-model, generate, merge."""
 
 from __future__ import annotations
 
@@ -48,6 +48,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     (result,) = engine.generate([request])
     print(result.text)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from server.lora.merge import MergeError, merge_adapter_dir
+    from server.lora.peft import AdapterValidationError
+    from server.model.prepare import ModelPreparationError, prepare_model
+
+    settings = _settings(args)
+    try:
+        model_dir = prepare_model(settings, settings.model)
+        out = merge_adapter_dir(args.adapter, model_dir, args.out)
+    except (ModelPreparationError, MergeError, AdapterValidationError) as exc:
+        print(f"loraplex: {exc}", file=sys.stderr)
+        return 1
+    print(out)
     return 0
 
 
@@ -156,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="merge a PEFT LoRA/DoRA adapter into the base model: a plain checkpoint "
+                                     "that `loraplex serve --model OUT` serves at base-model speed")
+    _add_common(p)
+    p.add_argument("--adapter", required=True, help="the PEFT adapter directory (adapter_config.json + "
+                                                     "adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="directory to write the merged checkpoint to (must not exist)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="serve the HTTP API (OpenAI-compatible inference, admin, metrics)")
     _add_common(p)

@@ -108,6 +108,9 @@ class Settings:
     # 503) before the rest end with an error and the server exits (server/api/drain.py)
     drain_seconds: float = 20.0
     max_concurrent_uploads: int = 2  # LORAPLEX_MAX_CONCURRENT_UPLOADS: uploads validated at once (memory bound)
+    # LORAPLEX_SHARED_ADAPTERS: the adapters a composition (POST /admin/adapters/{id}/compose) may read
+    # besides the customer's own: comma-separated customer ids, "*" = every stored adapter, "none" = none
+    shared_adapters: str = "*"
     # Names of the gauges the Gateway API Inference Extension's endpoint picker reads, exported beside
     # the loraplex_* originals; comma-separated, "none" = do not export. Defaults: vLLM's names (the EPP's).
     gateway_queue_metric: str = "vllm:num_requests_waiting"  # LORAPLEX_GATEWAY_QUEUE_METRIC
@@ -190,6 +193,11 @@ class Settings:
         from server.lora.shared_store import retention_seconds  # no torch: a light import
 
         return retention_seconds(self.max_request_seconds, self.adapter_store_retention_seconds)
+
+    @property
+    def shared_adapter_ids(self) -> frozenset[str] | None:
+        """Customer ids whose adapters any composition may read; None = every adapter."""
+        return None if self.shared_adapters.strip() == "*" else frozenset(_names(self.shared_adapters))
 
     def gateway_metric_names(self, name: str) -> list[str]:
         """The alias names configured in `gateway_<name>_metric` (queue, running, kv_usage, lora_info)."""

@@ -20,6 +20,10 @@ store prune retired versions once no request on any replica can still use them
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import tarfile
+import tempfile
 import threading
 import time
 import weakref
@@ -34,6 +38,9 @@ from server.engine.engine import Engine, resolve_device_dtype
 from server.engine.loop import EngineLoop, StreamEvent
 from server.engine.request import GenerationRequest
 from server.lora.cache import AdapterCache, AdapterKey
+from server.lora.compose import Recipe, SourceForbidden, compose
+from server.lora.merge import merge_adapter_dir
+from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
 from server.lora.peft import AdapterValidationError, load_peft_adapter, max_adapter_upload_bytes
 from server.lora.shared_store import StoreSweeper
 from server.lora.store import AdapterNotFound, AdapterRecord, AdapterStore, check_customer_id
@@ -264,13 +271,67 @@ class Service:
         return load_peft_adapter(config_bytes, weights_bytes, self.model_config,
                                  max_rank=self.settings.max_lora_rank, max_bytes=self.upload_limit)
 
-    def put_adapter(self, customer_id: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterRecord:
+    def put_adapter(self, customer_id: str, config_bytes: bytes, weights_bytes: bytes,
+                    recipe: dict | None = None) -> AdapterRecord:
         """Validate and store a new version, make it current, retire older unused versions."""
-        record = self.store.put(customer_id, config_bytes, weights_bytes, self.validate_adapter)
+        record = self.store.put(customer_id, config_bytes, weights_bytes, self.validate_adapter, recipe)
         with self._lock:
             in_use = self._versions_in_flight(customer_id)
         self.cache.release_old_versions(customer_id, record.version, in_use)
         return record
+
+    def compose_adapter(self, customer_id: str, recipe: Recipe) -> AdapterRecord:
+        """Compose the recipe's sources (their current versions) into the customer's new version,
+        stored as an upload is, with the recipe (and each source's version and sha256) as its
+        provenance. Raises RecipeError, SourceForbidden, AdapterNotFound (a source); nothing is
+        stored unless the composition is valid."""
+        check_customer_id(customer_id)
+        recipe.check(self.settings.max_lora_rank)
+        shared = self.settings.shared_adapter_ids
+        records = []
+        for i, source in enumerate(recipe.sources):
+            check_customer_id(source.customer_id)
+            if shared is not None and source.customer_id != customer_id and source.customer_id not in shared:
+                raise SourceForbidden(f"sources[{i}]: customer {customer_id!r} may not read the adapter of "
+                                      f"{source.customer_id!r}: a composition reads the customer's own adapter and "
+                                      "the shared ones (LORAPLEX_SHARED_ADAPTERS)", f"sources[{i}].customer_id")
+            try:
+                records.append(self.store.get(source.customer_id))
+            except AdapterNotFound:
+                raise AdapterNotFound(f"sources[{i}]: no adapter for customer {source.customer_id!r}") from None
+        adapters = [load_peft_adapter(*self.store.read_files(r), self.model_config, max_rank=self.settings.max_lora_rank)
+                    for r in records]
+        config_bytes, weights_bytes = compose(recipe, adapters, max_rank=self.settings.max_lora_rank)
+        provenance = {"method": recipe.method, "rank": recipe.rank, "sources": [
+            {"customer_id": r.customer_id, "version": r.version, "sha256": r.sha256, "weight": s.weight}
+            for r, s in zip(records, recipe.sources)]}
+        return self.put_adapter(customer_id, config_bytes, weights_bytes, recipe=provenance)
+
+    def export_merged(self, customer_id: str) -> tuple[Path, Path, str]:
+        """The customer's current adapter merged into the served base checkpoint, as one tar file
+        (server/lora/merge.py): (work directory to remove once sent, the tar, its top directory's
+        name). Built under <home>/exports: it takes about twice the checkpoint's size on disk."""
+        record = self.store.get(check_customer_id(customer_id))
+        config_bytes, weights_bytes = self.store.read_files(record)  # sha256-checked
+        exports = self.settings.home / "exports"
+        exports.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{customer_id}-", dir=exports))
+        try:
+            adapter_dir = work / "adapter"
+            adapter_dir.mkdir()
+            (adapter_dir / CONFIG_FILE).write_bytes(config_bytes)
+            (adapter_dir / WEIGHTS_FILE).write_bytes(weights_bytes)
+            base_name = re.sub(r"[^A-Za-z0-9._-]", "_", self.model.name)  # a served name may be "org/model"
+            name = f"{base_name}-{customer_id}-v{record.version}-merged"
+            merged = merge_adapter_dir(adapter_dir, self.model.path, work / name)
+            tar_path = work / f"{name}.tar"
+            with tarfile.open(tar_path, "w") as tar:
+                tar.add(merged, arcname=name)
+            shutil.rmtree(merged)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return work, tar_path, name
 
     def delete_adapter(self, customer_id: str) -> AdapterRecord:
         record = self.store.delete(customer_id)

@@ -21,14 +21,31 @@ LORA_CONFIGS = {
 }
 
 
-def make_peft_model(base, config_name: str, seed: int, b_std: float = 0.05):
-    """Wrap `base` (modified in place by peft) with a random adapter; returns the PeftModel."""
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(base, LoraConfig(**LORA_CONFIGS[config_name]))
+# DoRA adapters (use_dora=True): peft initialises the magnitude to ||W||_row; randomize_adapter moves it.
+DORA_CONFIGS = {
+    "dora-r8-qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True),
+    "dora-r4-all-linear-patterns": dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                        rank_pattern={"down_proj": 8}, alpha_pattern={"o_proj": 2}),
+}
+
+
+def randomize_adapter(peft_model, b_std: float = 0.05, adapter_name: str = "default", m_std: float = 0.1) -> None:
+    """lora_B ~ N(0, b_std) (peft starts it at zero) and DoRA magnitudes scaled by 1 + N(0, m_std)
+    per channel, so that every part of the adapter changes the output."""
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
+            if f"lora_B.{adapter_name}." in name:
                 p.normal_(0, b_std)
+            elif f"lora_magnitude_vector.{adapter_name}" in name:
+                p.mul_(1 + m_std * torch.randn_like(p))
+
+
+def make_peft_model(base, config_name: str, seed: int, b_std: float = 0.05):
+    """Wrap `base` (modified in place by peft) with a random adapter of LORA_CONFIGS or
+    DORA_CONFIGS; returns the PeftModel."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, LoraConfig(**{**LORA_CONFIGS, **DORA_CONFIGS}[config_name]))
+    randomize_adapter(peft_model, b_std)
     return peft_model.eval()
 
 

@@ -22,13 +22,13 @@ from server.lora.loader import read_safetensors_header, read_stored_adapter  # n
 from server.lora.peft import AdapterValidationError, load_peft_adapter  # noqa: E402
 from server.lora.store import AdapterStore  # noqa: E402
 from server.model.config import ModelConfig  # noqa: E402
-from tests.peft_helpers import LORA_CONFIGS, save_random_tiny_adapter  # noqa: E402
+from tests.peft_helpers import DORA_CONFIGS, LORA_CONFIGS, save_random_tiny_adapter  # noqa: E402
 
 LLAMA = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=128)
 MODEL = ModelConfig.from_hf_dict(LLAMA.to_dict())
 LORAS = {**{name: LORA_CONFIGS[name] for name in ("r16-all-linear-rslora", "patterns", "layers-to-transform")},
-         "r8-qv": LORA_CONFIGS["r8-qv"]}
+         "r8-qv": LORA_CONFIGS["r8-qv"], "dora": DORA_CONFIGS["dora-r4-all-linear-patterns"]}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,12 @@ def test_stored_adapter_reads_as_the_upload_parser_sees_it(stored, name, dtype):
         got = ours.modules[key]
         assert torch.equal(got.lora_a, m.lora_a) and torch.equal(got.lora_b, m.lora_b), key
         assert got.lora_a.dtype == dtype and got.scale == m.scale
-    # every A and B is a view of one buffer holding exactly their bytes
-    assert ours.buffer.is_contiguous() and ours.buffer.nbytes == ours.nbytes
+        assert (got.magnitude is None) == (m.magnitude is None) == (not expected.use_dora), key
+        assert m.magnitude is None or (got.magnitude.dtype == torch.float32 and torch.equal(got.magnitude, m.magnitude))
+    assert ours.use_dora == expected.use_dora == (name == "dora")
+    # every A and B is a view of one buffer holding exactly their bytes (DoRA magnitudes beside it)
+    magnitude_bytes = sum(m.magnitude.nbytes for m in ours.modules.values() if m.magnitude is not None)
+    assert ours.buffer.is_contiguous() and ours.buffer.nbytes == ours.nbytes - magnitude_bytes
     assert all(m.lora_a.untyped_storage().data_ptr() == ours.buffer.untyped_storage().data_ptr()
                for m in ours.modules.values())
 

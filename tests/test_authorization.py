@@ -104,7 +104,8 @@ def test_another_tenants_adapter_looks_like_one_that_does_not_exist(http, caller
 @pytest.mark.parametrize("caller", ["none", "wrong", "A", "B", "base"])
 def test_only_the_admin_reaches_the_admin_api(http, caller):
     calls = [("GET", "/admin/adapters"), ("GET", "/admin/adapters/alpha"), ("DELETE", "/admin/adapters/alpha"),
-             ("PUT", "/admin/adapters/alpha")]
+             ("PUT", "/admin/adapters/alpha"), ("POST", "/admin/adapters/alpha/compose"),
+             ("GET", "/admin/adapters/alpha/merged")]
     for method, path in calls:
         response = http.request(method, path, headers=_auth(caller))
         assert response.status_code == 401, (method, path, response.text)
@@ -134,6 +135,7 @@ MATRIX = {
     ("GET", "/v1/models"): "tenant", ("GET", "/v1/models/{model_id}"): "tenant",
     ("GET", "/admin/adapters"): "admin", ("PUT", "/admin/adapters/{customer_id}"): "admin",
     ("GET", "/admin/adapters/{customer_id}"): "admin", ("DELETE", "/admin/adapters/{customer_id}"): "admin",
+    ("POST", "/admin/adapters/{customer_id}/compose"): "admin", ("GET", "/admin/adapters/{customer_id}/merged"): "admin",
 }
 
 

@@ -26,7 +26,8 @@ QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _engine(dtype, enforce_eager: bool, num_adapters: int, async_scheduling: str = "off",
-            modules: tuple[str, ...] = QKVO + ("down_proj",)) -> Engine:
+            modules: tuple[str, ...] = QKVO + ("down_proj",), dora: tuple[int, ...] = ()) -> Engine:
+    """`dora`: the indices of the adapters that are DoRA adapters."""
     model = random_model(SMALL, dtype, "cuda", seed=1)
     settings = Settings(device="cuda", max_loras=8, max_lora_rank=16, max_num_seqs=16, num_kv_blocks=256,
                         max_model_len=512, enforce_eager=enforce_eager, async_scheduling=async_scheduling)
@@ -34,7 +35,7 @@ def _engine(dtype, enforce_eager: bool, num_adapters: int, async_scheduling: str
     for i in range(num_adapters):
         rank = (8, 16)[i % 2]
         engine.add_adapter(f"a{i}", random_adapter(model.config, rank, modules, seed=10 + i,
-                                                   device="cuda", dtype=dtype, b_std=0.05))
+                                                   device="cuda", dtype=dtype, b_std=0.05, dora=i in dora))
     return engine
 
 
@@ -81,6 +82,23 @@ def test_attention_only_adapters_replay_the_graphs_without_mlp_lora():
     assert "attention" in replayed and "all" not in replayed
     resident = {graphs.adapters.slots.slot_of(f"a{i}") for i in range(4)}  # slots are filled on first use
     assert graphs.pool.projections_of(resident) == {"qkv_proj", "o_proj"}
+
+
+def test_dora_batches_replay_the_dora_graphs_and_give_the_eager_tokens():
+    """DoRA adapters beside LoRA ones and the base model: batches holding a DoRA adapter replay
+    the graphs with DoRA's scaling, the others skip it, and the tokens are the eager ones."""
+    eager = _engine(torch.float32, enforce_eager=True, num_adapters=4, modules=QKVO, dora=(1, 2))
+    graphs = _engine(torch.float32, enforce_eager=False, num_adapters=4, async_scheduling="on", modules=QKVO,
+                     dora=(1, 2))
+    replayed = []
+    real_replay = graphs.runner.graphs.replay
+    graphs.runner.graphs.replay = lambda kind, size, lora: replayed.append(lora) or real_replay(kind, size, lora)
+    for adapters in (["a0", "a1", None, "a2", "a3", "a1"], ["a0", "a3", None]):
+        replayed.clear()
+        assert [r.token_ids for r in graphs.generate(_requests(adapters))] == \
+            [r.token_ids for r in eager.generate(_requests(adapters))]
+        assert ("dora" in replayed) == ("a1" in adapters)
+    assert "dora" not in replayed and "attention" in replayed  # the LoRA-only batch skipped DoRA's launch
 
 
 def test_runner_on_cuda_matches_the_cpu_through_prefill_and_decode():

@@ -14,7 +14,7 @@ from tests.peft_helpers import make_peft_model, save_adapter
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 NUM_TOKENS = 32
 LOGIT_ATOL = 2e-3  # fp32 through 30 layers: summation order differs from transformers'
-ENGINE_CONFIGS = ["r8-qv", "r16-all-linear-rslora", "patterns", "layers-to-transform"]
+ENGINE_CONFIGS = ["r8-qv", "r16-all-linear-rslora", "patterns", "layers-to-transform", "dora-r8-qv"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,7 @@ def test_mixed_batch_equals_each_request_alone(engine, peft_models):
         GenerationRequest(PROMPTS[2], _greedy(25), adapter=None, chat=True),
         GenerationRequest("Once upon a time", _greedy(16), adapter="patterns"),
         GenerationRequest(PROMPTS[1], _greedy(12), adapter=None, chat=True),
+        GenerationRequest(PROMPTS[1], _greedy(12), adapter="dora-r8-qv", chat=True),
     ]
     together = engine.generate(requests)
     alone = [engine.generate([r])[0] for r in requests]

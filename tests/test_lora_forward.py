@@ -10,10 +10,11 @@ from server.lora.pool import AdapterPool
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
 from server.model.runner import ModelRunner, SequenceChunk
-from tests.peft_helpers import LORA_CONFIGS, make_peft_model, save_adapter
+from tests.peft_helpers import DORA_CONFIGS, LORA_CONFIGS, make_peft_model, save_adapter
 from tests.tiny_models import build_tiny
 
 ATOL = 5e-5
+CONFIGS = sorted({**LORA_CONFIGS, **DORA_CONFIGS})  # DoRA adapters are served beside LoRA ones
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +31,18 @@ def adapters(base, tmp_path_factory):
     hf, path = base
     model_cfg = load_model(path, torch.float32, "cpu").config
     out = {}
-    for seed, name in enumerate(sorted(LORA_CONFIGS)):
+    for seed, name in enumerate(CONFIGS):
         peft_model = make_peft_model(copy.deepcopy(hf), name, seed=100 + seed)
         adapter_dir = save_adapter(peft_model, tmp_path_factory.mktemp(name))
         out[name] = (peft_model, load_peft_adapter_dir(adapter_dir, model_cfg, max_rank=16))
     return out
 
 
-def _setup(path, adapters):
+def _setup(path, adapters, max_rank=16):
     model = load_model(path, torch.float32, "cpu")
     c = model.config
     kv = KVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
-    pool = AdapterPool(model, max_adapters=len(adapters) + 1, max_rank=16)
+    pool = AdapterPool(model, max_adapters=len(adapters) + 1, max_rank=max_rank)
     slots = {}
     for slot, (name, (_, adapter)) in enumerate(sorted(adapters.items()), start=1):  # slot 0 stays empty
         pool.load(slot, adapter)
@@ -54,7 +55,7 @@ def _logits(hf_model, ids):
         return hf_model(torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("name", sorted(LORA_CONFIGS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_peft(base, adapters, name):
     _, path = base
     runner, slots = _setup(path, adapters)
@@ -68,11 +69,12 @@ def test_logits_match_peft(base, adapters, name):
 
 
 def test_mixed_batch_gives_each_sequence_its_own_adapter(base, adapters):
-    """Every adapter plus the base model in one flattened step, prompts of different lengths."""
+    """Every adapter (LoRA and DoRA) plus the base model in one flattened step, prompts of
+    different lengths."""
     hf, path = base
     runner, slots = _setup(path, adapters)
-    names = sorted(LORA_CONFIGS) + [None]
-    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (5, 14, 1, 9, 7)]
+    names = CONFIGS + [None]
+    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (5, 14, 1, 9, 7, 3, 11)]
     chunks = [
         SequenceChunk(p, 0, [10 * i + j for j in range(4)], lora_slot=-1 if n is None else slots[n])
         for i, (p, n) in enumerate(zip(prompts, names))

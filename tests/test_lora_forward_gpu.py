@@ -15,7 +15,7 @@ from server.lora.pool import AdapterPool  # noqa: E402
 from server.model.kv_cache import KVCache  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 from server.model.runner import ModelRunner, SequenceChunk  # noqa: E402
-from tests.peft_helpers import LORA_CONFIGS, make_peft_model, save_adapter  # noqa: E402
+from tests.peft_helpers import DORA_CONFIGS, LORA_CONFIGS, make_peft_model, save_adapter  # noqa: E402
 from tests.tiny_models import build_tiny  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def test_mixed_batch_on_cuda_matches_peft(tmp_path, dtype, atol):
     hf = build_tiny("qwen2-bias", seed=3)
     hf.save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base", dtype, "cuda")
-    names = sorted(LORA_CONFIGS)
+    names = sorted({**LORA_CONFIGS, **DORA_CONFIGS})  # DoRA adapters beside LoRA ones
     peft_models, pool = {}, AdapterPool(model, max_adapters=len(names) + 2, max_rank=16)
     for slot, name in enumerate(names, start=1):
         peft_models[name] = make_peft_model(copy.deepcopy(hf), name, seed=slot)
@@ -32,7 +32,7 @@ def test_mixed_batch_on_cuda_matches_peft(tmp_path, dtype, atol):
         pool.load(slot, adapter)
     c = model.config
     runner = ModelRunner(model, KVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_dim, dtype, "cuda"), "cuda")
-    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (5, 14, 1, 9, 7)]
+    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (5, 14, 1, 9, 7, 3, 11)]
     refs = [peft_models[n] for n in names] + [hf]
     chunks = [SequenceChunk(p, 0, [10 * i + j for j in range(4)], lora_slot=(i + 1 if i < len(names) else -1)) for i, p in enumerate(prompts)]
     logits = runner.run(chunks).cpu()

@@ -231,7 +231,7 @@ CONFIG_REFUSALS = [
     ("bias", "all", "bias", ()),
     ("bias", "lora_only", "bias", ()),
     ("modules_to_save", ["lm_head"], "modules_to_save", ()),
-    ("use_dora", True, "use_dora", ("DoRA not supported yet",)),
+    ("use_dora", "yes", "use_dora", ()),
     ("lora_bias", True, "lora_bias", ()),
     ("layer_replication", [[0, 2], [1, 3]], "layer_replication", ()),
     ("trainable_token_indices", [1, 2], "trainable_token_indices", ()),
@@ -403,3 +403,49 @@ def test_scale_is_alpha_over_sqrt_r_with_rslora(good_files, model_config):
     config, tensors, _ = good_files
     adapter = load({**config, "use_rslora": True, "lora_alpha": 12}, tensors, model_config)
     assert all(m.scale == pytest.approx(12 / math.sqrt(8)) for m in adapter.modules.values())
+
+
+# --- DoRA ------------------------------------------------------------------------------------
+
+Q0_M = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+
+
+@pytest.fixture(scope="module")
+def dora_files(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = tmp_path_factory.mktemp("dora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(fresh_base(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+        peft_model.save_pretrained(directory)
+    magnitudes = {name.removeprefix(PREFIX): module.lora_magnitude_vector["default"].weight.detach().clone()
+                  for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+    return json.loads((directory / "adapter_config.json").read_text()), load_safetensors((directory / "adapter_model.safetensors").read_bytes()), magnitudes
+
+
+def test_dora_magnitudes_load_as_peft_holds_them(dora_files, model_config):
+    config, tensors, magnitudes = dora_files
+    adapter = load(config, tensors, model_config)
+    assert adapter.use_dora and len(magnitudes) == 2 * SHAPE["num_hidden_layers"]
+    for name, m in magnitudes.items():
+        assert torch.equal(adapter.modules[short_name(name)].magnitude, m), name
+
+
+@pytest.mark.parametrize("key,make,words", [
+    (Q0_M, lambda t: torch.randn(63), ("shape", "(64,)")),
+    (Q0_M, lambda t: torch.randn(64, 1), ("shape",)),
+    (Q0_M, lambda t: t.index_fill(0, torch.tensor([2]), float("nan")), ("nan",)),
+    (Q0_M, lambda t: t.to(torch.int32), ("dtype",)),
+    (Q0_M, lambda t: None, ("missing", "magnitude")),
+], ids=["short", "2d", "nan", "int", "missing"])
+def test_refuses_bad_dora_magnitude(key, make, words, dora_files, model_config):
+    config, tensors, _ = dora_files
+    with pytest.raises(AdapterValidationError) as excinfo:
+        load(config, edited_tensors(tensors, key, make(tensors[key])), model_config)
+    assert_refused(excinfo, key, *words)
+
+
+def test_refuses_dora_on_embeddings(dora_files, model_config):
+    config, tensors, _ = dora_files
+    with pytest.raises(AdapterValidationError) as excinfo:
+        load({**config, "target_modules": ["q_proj", "embed_tokens"]}, tensors, model_config)
+    assert_refused(excinfo, "target_modules", "embed_tokens", "DoRA")

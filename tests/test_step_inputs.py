@@ -135,12 +135,13 @@ def test_lora_metadata_refills_only_when_the_slots_change():
     assert [(s, idx.tolist()) for s, idx in meta.groups()] == [(0, [0]), (1, [1, 2])]
 
 
-@pytest.mark.parametrize("adapters", [None, "attention", "all"])
+@pytest.mark.parametrize("adapters", [None, "attention", "all", "dora"])
 def test_padded_graph_shapes_compute_the_unpadded_logits(adapters):
     """The forward a captured graph replays, run eagerly on the CPU at the padded shapes (decode
     and mixed, without LoRA kernels, with them on the attention projections only for adapters of
-    q and v, and on every projection for adapters that also target down_proj): the real rows
-    equal the unpadded step's; and skipping the MLP's kernels where an adapter targets it shows."""
+    q and v, on every projection for adapters that also target down_proj, and with DoRA's scaling
+    for DoRA adapters): the real rows equal the unpadded step's; and skipping the MLP's kernels
+    where an adapter targets it, or DoRA's scaling for a DoRA adapter, shows."""
     with_adapters = adapters is not None
     from loadtest.random_model import random_adapter, random_model
     from server.lora.pool import AdapterPool
@@ -155,9 +156,10 @@ def test_padded_graph_shapes_compute_the_unpadded_logits(adapters):
         layer.mlp.gate_up_proj.weight.mul_(20)
     c = model.config
     pool = AdapterPool(model, max_adapters=3, max_rank=8)
-    modules = ("q_proj", "v_proj") + (("down_proj",) if adapters == "all" else ())
-    for slot in range(3):
-        pool.load(slot, random_adapter(c, 4 + 2 * slot, modules, seed=slot, dtype=torch.float32, b_std=0.2))
+    modules = ("q_proj", "v_proj") + (("down_proj",) if adapters in ("all", "dora") else ())
+    for slot in range(3):  # with "dora", slot 1 holds a LoRA adapter beside two DoRA ones
+        pool.load(slot, random_adapter(c, 4 + 2 * slot, modules, seed=slot, dtype=torch.float32, b_std=0.2,
+                                       dora=adapters == "dora" and slot != 1))
     runner = ModelRunner(model, KVCache(c.num_layers, 32, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, "cpu"),
                          "cpu", max_num_seqs=6, max_num_batched_tokens=256, max_model_len=64)
     graphs = StepGraphs(runner, 6)
@@ -186,8 +188,11 @@ def test_padded_graph_shapes_compute_the_unpadded_logits(adapters):
         assert variant == adapters or (adapters == "all" and variant is None)
         graphs._forward(kind, size, variant)
         torch.testing.assert_close(graphs.logits[: len(chunks)], expected, rtol=1e-5, atol=1e-5)
-        if variant == "all":  # the attention-only graph would drop the down_proj deltas
+        if variant in ("all", "dora"):  # the attention-only graph would drop the down_proj deltas
             graphs._forward(kind, size, "attention")
+            assert (graphs.logits[: len(chunks)] - expected).abs().max() > 0.01 * expected.abs().max()
+        if variant == "dora":  # and the LoRA-only graph DoRA's factors
+            graphs._forward(kind, size, "all")
             assert (graphs.logits[: len(chunks)] - expected).abs().max() > 0.01 * expected.abs().max()
 
 

@@ -37,7 +37,7 @@ def payload(customer: str, version: int) -> tuple[bytes, bytes]:
 
 
 def _accept(config: bytes, weights: bytes):
-    return SimpleNamespace(rank=8, alpha=16.0, target_modules=["q_proj"], use_rslora=False)
+    return SimpleNamespace(rank=8, alpha=16.0, target_modules=["q_proj"], use_rslora=False, use_dora=False)
 
 
 def _upload_forever(root: str, seed: int) -> None:

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.lora.compose import RecipeError, SourceForbidden
 from server.lora.peft import AdapterValidationError
 from server.lora.store import AdapterNotFound, AdapterStoreCorrupt, AdapterStoreFull, InvalidCustomerId
 
@@ -124,6 +125,10 @@ def to_api_error(exc: Exception) -> APIError:
         return NotFound(str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterValidationError):
         return BadRequest(f"invalid adapter: {exc}", code="invalid_adapter", param=exc.field)
+    if isinstance(exc, RecipeError):
+        return BadRequest(f"invalid recipe: {exc}", code="invalid_recipe", param=exc.field)
+    if isinstance(exc, SourceForbidden):
+        return Forbidden(str(exc), code="source_forbidden", param=exc.field)
     if isinstance(exc, AdapterStoreFull):
         return InsufficientStorage(str(exc))
     if isinstance(exc, AdapterStoreCorrupt):
@@ -152,7 +157,8 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, message, code, headers=getattr(exc, "headers", None))
 
-    for exc_class in (APIError, InvalidCustomerId, AdapterNotFound, AdapterValidationError, AdapterStoreCorrupt):
+    for exc_class in (APIError, InvalidCustomerId, AdapterNotFound, AdapterValidationError, AdapterStoreCorrupt,
+                      RecipeError, SourceForbidden):
         app.add_exception_handler(exc_class, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -30,7 +30,8 @@ ERROR_SCHEMA = {
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: the body or a parameter, or a feature this server does not implement",
     401: "Missing or wrong credentials",
-    403: "The API key belongs to another customer",
+    403: "Not allowed: the API key belongs to another customer, the admin API is disabled, or a composition "
+         "names an adapter its customer may not read",
     404: "No such model, adapter, customer or endpoint",
     413: "Body over its size limit",
     429: "Over a queue or per-tenant bound; retry after Retry-After",
@@ -40,7 +41,7 @@ ERROR_DESCRIPTIONS = {
 }
 ROUTE_ERRORS = (  # path prefix -> the error statuses its routes can answer
     ("/v1/", (400, 401, 403, 404, 413, 429, 503, 504)),
-    ("/admin/", (400, 401, 404, 413, 503, 507)),
+    ("/admin/", (400, 401, 403, 404, 413, 503, 507)),
     ("/ready", (503,)),
 )
 _NULL = {"type": "null"}

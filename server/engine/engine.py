@@ -35,7 +35,7 @@ from server.engine.sampler import sample
 from server.engine.scheduler import AdapterResidency, ScheduledChunk, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
 from server.lora.adapter import LoRAAdapter
-from server.lora.pool import AdapterPool
+from server.lora.pool import PAGE_RANK, AdapterPool
 from server.lora.registry import InMemoryAdapters
 from server.model.kv_cache import KVCache
 from server.model.llama import LlamaModel
@@ -379,6 +379,9 @@ def _auto_lora_slots(settings: Settings, model: LlamaModel, device: torch.device
         settings.max_lora_rank * (proj.weight.shape[1] * len(proj.out_sizes) + sum(proj.out_sizes))
         for _, _, proj in model.projections()
     ) * model.embed_tokens.weight.element_size()
+    # DoRA factors: a float32 per output channel for each of the adapter's pages
+    pages = -(-settings.max_lora_rank // min(PAGE_RANK, settings.max_lora_rank))
+    per_slot += pages * 4 * sum(sum(proj.out_sizes) for _, _, proj in model.projections())
     total = torch.cuda.get_device_properties(device).total_memory
     return max(8, min(MAX_AUTO_LORA_SLOTS, int(settings.lora_memory_fraction * total) // per_slot))
 

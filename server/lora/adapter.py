@@ -1,6 +1,7 @@
 """A validated LoRA adapter in memory: per (layer, module) its A, B and scale.
 
-This is what the PEFT parser produces and what the adapter pool copies into device slots.
+DoRA's magnitude vectors (small: one float per output channel) stay separate tensors beside
+the packed buffer. This is what the PEFT parser produces and what the adapter pool copies into device slots.
 `packed()` lays every tensor into one contiguous (optionally page-locked) buffer in the rows
 the device slots hold: A as its (r, in) rows, B rank-major as the (r, out) rows of B^T (the
 pool stores B that way, see server/lora/pool.py), grouped by kind and row width
@@ -23,6 +24,7 @@ class LoRAModuleWeights:
     lora_a: torch.Tensor  # (r, in_features)
     lora_b: torch.Tensor  # (out_features, r)
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    magnitude: torch.Tensor | None = None  # DoRA's (out_features,) float32 magnitude; None for LoRA
 
     @property
     def rank(self) -> int:
@@ -75,10 +77,13 @@ class LoRAAdapter:
     layout: tuple[RowGroup, ...] | None = field(default=None, repr=False, compare=False)
     # Scatter plans of the packed buffer into a pool's slots, made once (AdapterPool.plan).
     plans: dict = field(default_factory=dict, repr=False, compare=False)
+    use_dora: bool = False  # every module has a magnitude (server/lora/dora.py); kept beside the buffer
+
 
     @property
     def nbytes(self) -> int:
-        return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.modules.values())
+        return sum(m.lora_a.nbytes + m.lora_b.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)
+                   for m in self.modules.values())
 
     def packed(self, pin_memory: bool = False, dtype: torch.dtype | None = None) -> "LoRAAdapter":
         """The same adapter with every A and B a view of one contiguous buffer (page-locked
@@ -100,7 +105,8 @@ class LoRAAdapter:
             return self.with_buffer(self.buffer.to(device, non_blocking=non_blocking), self.layout)
         return replace(self, modules={
             k: LoRAModuleWeights(m.lora_a.to(device, non_blocking=non_blocking),
-                                 m.lora_b.to(device, non_blocking=non_blocking), m.scale)
+                                 m.lora_b.to(device, non_blocking=non_blocking), m.scale,
+                                 None if m.magnitude is None else m.magnitude.to(device, non_blocking=non_blocking))
             for k, m in self.modules.items()
         })
 
@@ -109,7 +115,7 @@ class LoRAAdapter:
         views = layout_views(buffer, layout)
         if views.keys() != self.modules.keys():
             raise ValueError("the layout does not describe this adapter's modules")
-        modules = {key: LoRAModuleWeights(*views[key], m.scale) for key, m in self.modules.items()}
+        modules = {key: LoRAModuleWeights(*views[key], m.scale, m.magnitude) for key, m in self.modules.items()}
         plans = self.plans if layout == self.layout else {}  # plans depend on the layout only
         return replace(self, modules=modules, buffer=buffer, layout=layout, plans=plans)
 

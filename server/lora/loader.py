@@ -103,9 +103,14 @@ def read_stored_adapter(store: AdapterStore, record: AdapterRecord, model: Model
         layout = packed_layout({(s.layer, s.module): (s.rank, entries[s.a_key].shape[1], entries[s.b_key].shape[0])
                                 for s in specs})
         buffer = torch.empty(sum(g.numel for g in layout), dtype=dtype, pin_memory=pin_memory)
-        _read_packed(files.weights_fd, data_start, entries, specs, layout, buffer)
+        # DoRA magnitudes: read as they are into tensors of their own, beside the packed buffer
+        raw = {s.m_key: torch.empty(entries[s.m_key].nbytes, dtype=torch.uint8) for s in specs if s.m_key}
+        _read_packed(files.weights_fd, data_start, entries, specs, layout, buffer,
+                     {name: memoryview(t.numpy()) for name, t in raw.items()})
     views = layout_views(buffer, layout)
-    modules = {(s.layer, s.module): LoRAModuleWeights(*views[(s.layer, s.module)], s.scale) for s in specs}
+    magnitudes = {name: t.view(entries[name].dtype).float() for name, t in raw.items()}
+    modules = {(s.layer, s.module): LoRAModuleWeights(*views[(s.layer, s.module)], s.scale, magnitudes.get(s.m_key))
+               for s in specs}
     return adapter_from_config(cfg, modules, buffer=buffer, layout=layout)
 
 
@@ -152,12 +157,13 @@ def _invalid(problem: str) -> AdapterValidationError:
 
 
 def _read_packed(fd: int, data_start: int, entries: dict[str, _Entry], specs: list[ModuleSpec],
-                 layout: tuple[RowGroup, ...], buffer: torch.Tensor) -> None:
-    """Fill `buffer` (packed as `layout`) from the file: one preadv, then one copy per run."""
+                 layout: tuple[RowGroup, ...], buffer: torch.Tensor, extra: dict[str, memoryview]) -> None:
+    """Fill `buffer` (packed as `layout`) from the file: one preadv, then one copy per run;
+    tensors outside the layout (DoRA magnitudes) go as they are to their `extra` bytes."""
     names = {(s.layer, s.module): {"a": s.a_key, "b": s.b_key} for s in specs}
     final = memoryview(buffer.view(torch.uint8).numpy())
     itemsize = buffer.element_size()
-    destinations: dict[str, memoryview | tuple[int, int]] = {}  # name -> final bytes, or (scratch start, length)
+    destinations: dict[str, memoryview | tuple[int, int]] = dict(extra)  # name -> final bytes, or (scratch start, length)
     runs: list[_Run] = []
     scratch_bytes = 0
     for group in layout:

@@ -13,8 +13,10 @@ upload, so a request never meets a broken adapter (STYLE habit 3). The rules fol
   scale = alpha / r, or alpha / sqrt(r) with `use_rslora`.
 - Accepted, no effect on inference: `lora_dropout`, `fan_in_fan_out` (peft forces it False for
   nn.Linear; A and B keep their shapes), inits that leave the base weights alone, bookkeeping.
+- DoRA (`use_dora: true`): every targeted module also needs its `lora_magnitude_vector`
+  (out_features,), float and finite (server/lora/dora.py says how it is served).
 - Refused with AdapterValidationError (`field` names the config field or tensor key): another
-  `peft_type`; `bias` != "none"; features that change the forward or the model (DoRA and other
+  `peft_type`; `bias` != "none"; features that change the forward or the model (other LoRA
   variants, lora_bias, modules_to_save, ...); inits that rewrite base weights (PiSSA, OLoRA,
   CorDA, LoftQ, LoRA-GA: convert to plain LoRA with peft first); unknown fields that are set;
   targets absent from the base model or other than its seven projections; r < 1 or > max_rank;
@@ -58,7 +60,7 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # LoraConfig defaults for the fields this parser interprets (peft fills them in the same way).
 _DEFAULTS: dict[str, Any] = {
     "r": 8, "lora_alpha": 8, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
-    "init_lora_weights": True, "target_modules": None, "exclude_modules": None,
+    "init_lora_weights": True, "use_dora": False, "target_modules": None, "exclude_modules": None,
     "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
 }
 # Fields that describe provenance or training only; whatever their value, inference is the same.
@@ -70,7 +72,6 @@ _BOOKKEEPING_FIELDS = frozenset({
 })
 # Features that change the forward or the model; each must be unset (null, false or empty).
 _REJECTED_WHEN_SET = {
-    "use_dora": "DoRA not supported yet",
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
     "lora_bias": "lora_bias (a bias on lora_B) is not supported",
     "layer_replication": "layer_replication is not supported: it changes the base model's layer stack",
@@ -132,7 +133,7 @@ def parse_adapter_config(raw: bytes | str | dict) -> dict:
         raise _fail("bias", f"bias must be 'none', got {cfg['bias']!r}")
     _check_rank("r", cfg["r"])
     _check_alpha("lora_alpha", cfg["lora_alpha"])
-    for name in ("use_rslora", "fan_in_fan_out"):
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(cfg[name], bool):
             raise _fail(name, f"{name} must be true or false, got {cfg[name]!r}")
     _check_init(cfg["init_lora_weights"])
@@ -160,6 +161,7 @@ class ModuleSpec:
     scale: float
     a_key: str  # its lora_A tensor: (rank, in_features)
     b_key: str  # its lora_B tensor: (out_features, rank)
+    m_key: str | None = None  # DoRA: its lora_magnitude_vector (out_features,)
 
 
 def check_adapter_tensors(
@@ -168,12 +170,16 @@ def check_adapter_tensors(
     """Every check of `load_peft_adapter` that needs no tensor values, on a parsed config and each
     tensor's (dtype, shape): targets, ranks, missing or unexpected keys, dtypes and shapes."""
     targets = _targeted_linears(cfg, model)
-    key_names = {name: (f"{_KEY_PREFIX}{name}.lora_A.weight", f"{_KEY_PREFIX}{name}.lora_B.weight") for name in targets}
-    expected_keys = {key for pair in key_names.values() for key in pair}
+    suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if cfg["use_dora"] else ())
+    key_names = {name: tuple(f"{_KEY_PREFIX}{name}.{suffix}" for suffix in suffixes) for name in targets}
+    expected_keys = {key for keys in key_names.values() for key in keys}
     unexpected = sorted(set(tensors) - expected_keys)
     if unexpected:
-        raise _fail(unexpected[0], f"unexpected tensor {unexpected[0]!r}: not the lora_A/lora_B weight of a "
-                    f"module this config targets in the base model ({len(unexpected)} such key(s))")
+        what = "lora_A/lora_B weight or DoRA magnitude" if cfg["use_dora"] else "lora_A/lora_B weight"
+        dora_hint = " (a lora_magnitude_vector needs use_dora: true)" if any(
+            k.endswith(".lora_magnitude_vector") for k in unexpected) and not cfg["use_dora"] else ""
+        raise _fail(unexpected[0], f"unexpected tensor {unexpected[0]!r}: not the {what} of a "
+                    f"module this config targets in the base model ({len(unexpected)} such key(s)){dora_hint}")
 
     shapes = model.linear_shapes()
     specs = []
@@ -182,15 +188,18 @@ def check_adapter_tensors(
         alpha, _ = _pattern_value(cfg, "alpha_pattern", "lora_alpha", name)
         if r > max_rank:
             raise _fail(r_field, f"rank {r} of {name} ({r_field}) exceeds this server's max_rank {max_rank}")
-        a_key, b_key = key_names[name]
-        for key in (a_key, b_key):
+        a_key, b_key, *m_key = key_names[name]
+        for key in key_names[name]:
             if key not in tensors:
-                raise _fail(key, f"tensor {key!r} is missing: every targeted module needs both lora_A and lora_B")
+                needs = "lora_A, lora_B and (DoRA) lora_magnitude_vector" if m_key else "both lora_A and lora_B"
+                raise _fail(key, f"tensor {key!r} is missing: every targeted module needs {needs}")
         in_features, out_features = shapes[short]
         _check_tensor(a_key, *tensors[a_key], (r, in_features), rank_dim=0, r_field=r_field)
         _check_tensor(b_key, *tensors[b_key], (out_features, r), rank_dim=1, r_field=r_field)
+        if m_key:
+            _check_magnitude(m_key[0], *tensors[m_key[0]], out_features)
         scale = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r  # as peft's LoraLayer.update_layer
-        specs.append(ModuleSpec(layer, short, r, scale, a_key, b_key))
+        specs.append(ModuleSpec(layer, short, r, scale, a_key, b_key, m_key[0] if m_key else None))
     return specs
 
 
@@ -222,11 +231,12 @@ def load_peft_adapter(
                                   max_rank=max_rank)
     modules: dict[tuple[int, str], LoRAModuleWeights] = {}
     for spec in specs:
-        for key in (spec.a_key, spec.b_key):
-            if not torch.isfinite(tensors[key]).all():
+        for key in (spec.a_key, spec.b_key, spec.m_key):
+            if key is not None and not torch.isfinite(tensors[key]).all():
                 raise _fail(key, f"tensor {key!r} contains NaN or Inf values")
         lora_a, lora_b = (tensors[key].to(dtype).contiguous() for key in (spec.a_key, spec.b_key))
-        modules[(spec.layer, spec.module)] = LoRAModuleWeights(lora_a, lora_b, spec.scale)
+        magnitude = None if spec.m_key is None else tensors[spec.m_key].to(torch.float32).contiguous()
+        modules[(spec.layer, spec.module)] = LoRAModuleWeights(lora_a, lora_b, spec.scale, magnitude)
     return adapter_from_config(cfg, modules)
 
 
@@ -234,7 +244,7 @@ def adapter_from_config(cfg: dict, modules: dict[tuple[int, str], LoRAModuleWeig
     """The LoRAAdapter of a parsed config and its modules (`packed`: buffer and layout, when packed)."""
     return LoRAAdapter(rank=max(m.rank for m in modules.values()), alpha=cfg["lora_alpha"],
                        use_rslora=cfg["use_rslora"], target_modules=tuple(sorted({s for _, s in modules})),
-                       modules=modules, **packed)
+                       modules=modules, use_dora=cfg["use_dora"], **packed)
 
 
 def load_peft_adapter_dir(
@@ -314,7 +324,8 @@ def _check_layers(cfg: dict) -> None:
 
 
 # --- matching modules as peft does
-def _linear_name(layer: int, short: str) -> str:
+def module_name(layer: int, short: str) -> str:
+    """The full module name of a projection in a *ForCausalLM, e.g. model.layers.0.self_attn.q_proj."""
     block = "self_attn" if short in _ATTENTION_MODULES else "mlp"
     return f"model.layers.{layer}.{block}.{short}"
 
@@ -324,15 +335,15 @@ def _base_module_names(model: ModelConfig) -> list[str]:
     names = ["", "model", "model.embed_tokens", "model.layers"]
     for i in range(model.num_layers):
         block = f"model.layers.{i}"
-        names += [block, f"{block}.self_attn"] + [_linear_name(i, s) for s in _ATTENTION_MODULES]
-        names += [f"{block}.mlp"] + [_linear_name(i, s) for s in _MLP_MODULES]
+        names += [block, f"{block}.self_attn"] + [module_name(i, s) for s in _ATTENTION_MODULES]
+        names += [f"{block}.mlp"] + [module_name(i, s) for s in _MLP_MODULES]
         names += [f"{block}.mlp.act_fn", f"{block}.input_layernorm", f"{block}.post_attention_layernorm"]
     return names + ["model.norm", "model.rotary_emb", "lm_head"]
 
 
 def _targeted_linears(cfg: dict, model: ModelConfig) -> dict[str, tuple[int, str]]:
     """Full module name -> (layer index, short name) for every module peft would adapt."""
-    linears = {_linear_name(i, s): (i, s) for i in range(model.num_layers) for s in LORA_TARGET_MODULES}
+    linears = {module_name(i, s): (i, s) for i in range(model.num_layers) for s in LORA_TARGET_MODULES}
     names = _base_module_names(model)[1:]  # peft skips the root module
     targets = cfg["target_modules"]
     if isinstance(targets, str) and targets.lower() == _ALL_LINEAR:
@@ -346,8 +357,9 @@ def _targeted_linears(cfg: dict, model: ModelConfig) -> dict[str, tuple[int, str
     matched = {name: linears.get(name) for name in names if _is_targeted(cfg, targets, name)}
     unsupported = [name for name, linear in matched.items() if linear is None]
     if unsupported:
+        dora = " (DoRA on embeddings or other layers is not supported either)" if cfg["use_dora"] else ""
         raise _fail("target_modules", f"target_modules selects {unsupported[0]!r}, which is not supported: only "
-                    f"{', '.join(LORA_TARGET_MODULES)} can carry a LoRA adapter here")
+                    f"{', '.join(LORA_TARGET_MODULES)} can carry a LoRA adapter here{dora}")
     if not matched:
         raise _fail("target_modules", "the config targets no module of the base model (check target_modules, "
                     "exclude_modules, layers_to_transform and layers_pattern)")
@@ -457,3 +469,11 @@ def _check_tensor(key: str, dtype: torch.dtype, shape: tuple[int, ...], expected
     if shape[rank_dim] != expected[rank_dim]:
         raise _fail(key, f"tensor {key!r} has rank {shape[rank_dim]} but the config ({r_field}) gives "
                     f"r={expected[rank_dim]} for this module")
+
+
+def _check_magnitude(key: str, dtype: torch.dtype, shape: tuple[int, ...], out_features: int) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise _fail(key, f"tensor {key!r} has dtype {dtype}; expected float32, float16, bfloat16 or float64")
+    if tuple(shape) != (out_features,):
+        raise _fail(key, f"DoRA magnitude {key!r} has shape {tuple(shape)}; expected ({out_features},), one value "
+                    "per output feature of the module")

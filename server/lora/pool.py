@@ -29,6 +29,13 @@ thread), then:
   4. copies the slot's scales and ranks from small tensors of the plan.
 The compute stream then waits for the side stream before its next use. No Python loop over
 modules runs on this path: a few launches whatever the adapter's size.
+
+DoRA adapters (server/lora/dora.py) also need, per slot, a float32 factor per output channel of
+every projection, m / ||W + s B A||_row: `_dora_factors` (pages, sum of every projection's
+width), 1 where the adapter has no module, and a flag per slot (`_dora_slots`) that
+kernels.dora_scale reads. A DoRA load computes the factors on the pool's device from the base
+weights and the A and B just written to the slot (what the kernels will apply), one small
+GEMM and norm per module on the side stream: a Python loop over modules, on DoRA loads only.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ import torch
 
 from server.lora.adapter import LoRAAdapter
 from server.lora.slots import block_pages
-from server.model.llama import LlamaModel, LoRASlots
+from server.lora.dora import dora_factor
+from server.model.llama import DORA, LlamaModel, LoRASlots
 
 # Our fused projections and the PEFT module names of their slices, in order.
 PROJECTION_SLICES = {
@@ -65,7 +73,11 @@ class SlotPlan:
     scales: torch.Tensor  # float32 (layers, projections, 3): the slot's scales
     ranks: torch.Tensor  # int32, the same shape: the slot's ranks (0 where not targeted)
     pages: int  # pages the adapter spans (its largest rank over page_rank, rounded up)
-    projections: frozenset  # names of the fused projections it targets in some layer
+    projections: frozenset  # names of the fused projections it targets in some layer (and DORA for DoRA)
+    # DoRA: every module's magnitude back to back (float32, page-locked on CUDA) and per module
+    # (layer, projection, slice, magnitude offset, rank, scale); None for a LoRA adapter
+    magnitudes: torch.Tensor | None = None
+    dora_modules: tuple[tuple[int, str, int, int, int, float], ...] = ()
 
 
 class AdapterPool:
@@ -91,6 +103,18 @@ class AdapterPool:
                           for name, ms in PROJECTION_SLICES.items() for i, m in enumerate(ms)}
 
         projections = list(model.projections())
+        # DoRA factors of every projection side by side: (pages, total width); 1 = no DoRA module
+        widths = [sum(proj.out_sizes) for _, _, proj in projections]
+        self._dora_factors = torch.ones(num_pages, sum(widths), dtype=torch.float32, device=self.device)
+        self._dora_slots = torch.zeros(num_pages, dtype=torch.int32, device=self.device)
+        self._dora_columns = {}  # (layer, projection) -> first column in _dora_factors
+        self._weights = {}  # (layer, projection) -> (base weight (out, in), slice row offsets, slice widths)
+        column = 0
+        for (layer, name, proj), width in zip(projections, widths):
+            self._dora_columns[(layer, name)] = column
+            offsets = [sum(proj.out_sizes[:i]) for i in range(len(proj.out_sizes))]
+            self._weights[(layer, name)] = (proj.weight, offsets, proj.out_sizes)
+            column += width
         members: dict[tuple[str, int], list[tuple[int, str]]] = {}
         for layer, name, proj in projections:
             for module, out_features in zip(PROJECTION_SLICES[name], proj.out_sizes):
@@ -111,6 +135,8 @@ class AdapterPool:
                 lora_b=[self._slice("b", layer, m).transpose(1, 2) for m in modules],
                 scales=self._scales[layer, p, :, : len(modules)],
                 slot_ranks=self._ranks[layer, p, :, : len(modules)],
+                dora_factors=self._dora_factors[:, self._dora_columns[(layer, name)] :][:, : sum(proj.out_sizes)],
+                dora_slots=self._dora_slots,
             )
             proj.lora = slots
             self._slots[(layer, name)] = slots
@@ -146,8 +172,9 @@ class AdapterPool:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes the pool holds: slots, scales and ranks, and on CUDA one slot's staging."""
+        """Device bytes the pool holds: slots, scales and ranks, DoRA factors, and on CUDA one slot's staging."""
         extra = self._staging.nbytes + self._row_staging.nbytes if self._copy_stream is not None else 0
+        extra += self._dora_factors.nbytes + self._dora_slots.nbytes
         return sum(g.nbytes for g in self._groups.values()) + self._scales.nbytes + self._ranks.nbytes + extra
 
     def plan(self, adapter: LoRAAdapter) -> SlotPlan:
@@ -173,12 +200,15 @@ class AdapterPool:
             rows = self._device_rows(plan.rows, slot, 0)
             wait_for_readers()
             self._ranks[:, :, slot].zero_()  # a load that fails midway leaves rank 0: half-copied rows are never read
+            self._dora_slots[slot] = 0  # and no DoRA factor of a half-loaded adapter is applied
             for key, offset, first, n in plan.groups:
                 width = key[1]
                 source_rows = source[offset : offset + n * width].view(n, width)
                 self._rows[key].index_copy_(0, rows[first : first + n], source_rows)
             self._scales[:, :, slot].copy_(plan.scales, non_blocking=True)
             self._ranks[:, :, slot].copy_(plan.ranks, non_blocking=True)
+            if plan.magnitudes is not None:
+                self._load_dora_factors(slot, plan)
             self._slot_projections[slot] = plan.projections
 
     def clear(self, slot: int) -> None:
@@ -188,8 +218,24 @@ class AdapterPool:
             wait_for_readers()
             self._scales[:, :, slot].zero_()
             self._ranks[:, :, slot].zero_()
+            self._dora_slots[slot] = 0
 
     # --- internals
+    def _load_dora_factors(self, slot: int, plan: SlotPlan) -> None:
+        """The slot's DoRA factors from the base weights and the rows just written (on the side stream)."""
+        magnitudes = plan.magnitudes.to(self.device, non_blocking=True)
+        factors = self._dora_factors[slot]
+        factors.fill_(1.0)
+        for layer, name, i, offset, rank, scale in plan.dora_modules:
+            weight, row_offsets, out_sizes = self._weights[(layer, name)]
+            rows, width = row_offsets[i], out_sizes[i]
+            lora = self._slots[(layer, name)]
+            column = self._dora_columns[(layer, name)] + rows
+            factors[column : column + width] = dora_factor(
+                weight[rows : rows + width], lora.lora_a[i][slot, :rank], lora.lora_b[i][slot, :, :rank], scale,
+                magnitudes[offset : offset + width])
+        self._dora_slots[slot] = 1
+
     def _make_plan(self, adapter: LoRAAdapter) -> SlotPlan:
         if adapter.layout is None:
             raise ValueError("only a packed adapter has a plan (LoRAAdapter.packed)")
@@ -222,8 +268,18 @@ class AdapterPool:
             rows, scales, ranks = rows.pin_memory(), scales.pin_memory(), ranks.pin_memory()
         projection_of = {m: name for name, ms in PROJECTION_SLICES.items() for m in ms}
         targeted = frozenset(projection_of[module] for _, module in adapter.modules)
+        magnitudes, dora_modules = None, []
+        if adapter.use_dora:
+            targeted |= {DORA}
+            offset = 0
+            for (layer, module), m in adapter.modules.items():
+                dora_modules.append((layer, projection_of[module], self._slice_of[module][1], offset, m.rank, m.scale))
+                offset += m.magnitude.numel()
+            magnitudes = torch.cat([m.magnitude.float() for m in adapter.modules.values()])
+            if self._copy_stream is not None and magnitudes.device.type == "cpu":
+                magnitudes = magnitudes.pin_memory()
         return SlotPlan(sum(g.numel for g in adapter.layout), tuple(groups), rows, scales, ranks,
-                        self.pages_for(adapter), targeted)
+                        self.pages_for(adapter), targeted, magnitudes, tuple(dora_modules))
 
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[Callable[[], None]]:

@@ -120,6 +120,8 @@ class AdapterRecord:
     use_rslora: bool
     created_at: str  # ISO 8601, UTC
     path: Path  # the version directory
+    use_dora: bool = False
+    recipe: dict | None = None  # a composition's provenance (server/lora/compose.py); None for uploads
 
     @property
     def config_path(self) -> Path:
@@ -132,6 +134,8 @@ class AdapterRecord:
     def to_dict(self) -> dict:
         out = asdict(self)
         del out["path"]
+        if out["recipe"] is None:
+            del out["recipe"]
         return out
 
 
@@ -246,8 +250,9 @@ class AdapterStore:
 
     # --- writes (per-customer lock)
     def put(self, customer_id: str, config_bytes: bytes, weights_bytes: bytes,
-            validate: Callable[[bytes, bytes], LoRAAdapter]) -> AdapterRecord:
-        """Validate, store as a new version and make it current; validate's errors propagate as they are."""
+            validate: Callable[[bytes, bytes], LoRAAdapter], recipe: dict | None = None) -> AdapterRecord:
+        """Validate, store as a new version and make it current; validate's errors propagate as they are.
+        `recipe`: how a composed adapter was made, kept in its metadata."""
         check_customer_id(customer_id)
         adapter = validate(config_bytes, weights_bytes)  # before anything touches the disk
         customer_dir = self.root / customer_id
@@ -261,7 +266,7 @@ class AdapterStore:
                 bytes=len(config_bytes) + len(weights_bytes), rank=adapter.rank, alpha=float(adapter.alpha),
                 target_modules=list(adapter.target_modules), use_rslora=adapter.use_rslora,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                path=self._version_dir(customer_id, version),
+                path=self._version_dir(customer_id, version), use_dora=adapter.use_dora, recipe=recipe,
             )
             try:
                 _write_atomic(customer_dir / LAST_VERSION_FILE, f"{version}\n".encode())
@@ -392,7 +397,8 @@ class AdapterStore:
             meta = json.loads(metadata_path.read_bytes())
             record = AdapterRecord(**meta, path=version_dir)
             types = {"customer_id": str, "version": int, "sha256": str, "bytes": int, "rank": int,
-                     "alpha": (int, float), "target_modules": list, "use_rslora": bool, "created_at": str}
+                     "alpha": (int, float), "target_modules": list, "use_rslora": bool, "created_at": str,
+                     "use_dora": bool, "recipe": (dict, type(None))}
             bad = [k for k, t in types.items() if not isinstance(getattr(record, k), t)]
         except FileNotFoundError:
             raise AdapterStoreCorrupt(customer_id, metadata_path, "missing") from None

@@ -18,11 +18,13 @@ Two families of shapes:
 Padding tokens write no KV (slot -1) and belong to no sequence; padding sequences have no
 query tokens: neither reaches a real row's result.
 
-Three graphs per shape: one without LoRA kernels (a batch of base-model tokens only), one with
-them on every projection (any mix of slots, -1 for base tokens), and one with them on the
+Four graphs per shape: one without LoRA kernels (a batch of base-model tokens only), one with
+them on every projection (any mix of slots, -1 for base tokens), one with them on the
 attention projections only (q/k/v and o), for batches whose adapters target nothing else, the
 most common kind: it skips the MLP's shrink and expand launches, which for such adapters only
-read and rewrite the output (measured half the LoRA launches of a 7B step). The LoRA kernels choose their launch
+read and rewrite the output (measured half the LoRA launches of a 7B step); and one for
+batches holding a DoRA adapter: every projection's LoRA kernels plus DoRA's scaling launch
+(kernels/triton_dora.py), so LoRA-only batches never pay for that launch. The LoRA kernels choose their launch
 configuration from the metadata's host-side hints at capture: decode graphs are captured on
 distinct slots (what decode batches mostly are), mixed graphs on half distinct slots and half
 one long run; other mixes replay correctly, at the captured configuration's speed.
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.model.llama import ATTENTION_PROJECTIONS
+from server.model.llama import ALL_PROJECTIONS, ATTENTION_PROJECTIONS, DORA
 
 if TYPE_CHECKING:
     from server.model.runner import ModelRunner
@@ -101,7 +103,7 @@ class StepGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         pool = None
-        variants = (None, "attention", "all") if self.num_lora_slots else (None,)
+        variants = (None, "attention", "all", "dora") if self.num_lora_slots else (None,)
         shapes = [("mixed", t) for t in reversed(self.mixed_sizes)] + [("decode", b) for b in reversed(self.decode_sizes)]
         for kind, size in shapes:
             for lora in variants:
@@ -119,19 +121,21 @@ class StepGraphs:
 
     @staticmethod
     def lora_variant(projections: frozenset | None) -> str:
-        """The LoRA graph for a batch whose adapters target `projections` (None: any)."""
-        return "attention" if projections is not None and projections <= ATTENTION_PROJECTIONS else "all"
+        """The LoRA graph for a batch whose adapters target `projections` (None: any, DoRA included)."""
+        if projections is None or DORA in projections:
+            return "dora"
+        return "attention" if projections <= ATTENTION_PROJECTIONS else "all"
 
     def replay(self, kind: str, size: int, lora: str | None) -> torch.Tensor:
         """Run the captured forward over the inputs the runner just wrote; logits (sequences, vocab).
-        `lora`: None (no adapter in the batch), "attention" or "all" (see `lora_variant`)."""
+        `lora`: None (no adapter in the batch), "attention", "all" or "dora" (see `lora_variant`)."""
         self._graphs[(kind, size, lora)].replay()
         return self.logits[: self.padding(kind, size)[1]]
 
     def _forward(self, kind: str, size: int, lora_variant: str | None) -> None:
         runner = self.runner
         with_lora = lora_variant is not None
-        runner.lora_meta.projections = ATTENTION_PROJECTIONS if lora_variant == "attention" else None
+        runner.lora_meta.projections = {"attention": ATTENTION_PROJECTIONS, "all": ALL_PROJECTIONS}.get(lora_variant)
         num_tokens, num_seqs = self.padding(kind, size)
         max_query_len = 1 if kind == "decode" else num_tokens
         attn = runner.buffers.attention_meta(num_tokens, num_seqs, max_query_len, runner.model.config.sliding_window,

@@ -31,11 +31,18 @@ class LoRASlots:
     lora_b: list[torch.Tensor]  # per slice: (num_slots, out_i, max_rank), a view of rank-major storage
     scales: torch.Tensor  # (num_slots, n_slices) float32
     slot_ranks: torch.Tensor  # (num_slots, n_slices) int32: each slot's true rank, 0 = slice not targeted
+    # DoRA (kernels/triton_dora.py): per slot a factor per output channel, used where dora_slots[s] != 0
+    dora_factors: torch.Tensor | None = None  # (num_slots, sum(out_sizes)) float32
+    dora_slots: torch.Tensor | None = None  # (num_slots,) int32, shared by every projection
 
 
 # Projections an adapter of q/k/v/o modules touches: a batch whose adapters touch nothing else
 # runs no LoRA kernels on the MLP (LoRABatchMeta.projections; its graphs are captured so)
 ATTENTION_PROJECTIONS = frozenset({"qkv_proj", "o_proj"})
+ALL_PROJECTIONS = ATTENTION_PROJECTIONS | {"gate_up_proj", "down_proj"}
+# Not a projection: in LoRABatchMeta.projections it says the batch holds a DoRA adapter, so the
+# projections whose LoRA kernels run also scale its tokens' outputs (without it: no DoRA launch)
+DORA = "dora"
 
 
 class Projection(nn.Module):
@@ -56,6 +63,8 @@ class Projection(nn.Module):
                 and (lora_meta.projections is None or self.name in lora_meta.projections)):
             lora = self.lora
             kernels.lora_apply(y, x, lora.lora_a, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
+            if lora.dora_factors is not None and (lora_meta.projections is None or DORA in lora_meta.projections):
+                kernels.dora_scale(y, self.bias, lora.dora_factors, lora.dora_slots, lora_meta)
         return y
 
 

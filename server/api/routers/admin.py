@@ -1,4 +1,4 @@
-"""The admin API: upload, list, inspect and delete customers' adapters.
+"""The admin API: upload, compose, list, inspect and delete customers' adapters.
 
 Every route needs `Authorization: Bearer <LORAPLEX_ADMIN_TOKEN>` (server/api/auth.py). An upload
 is checked in this order, cheapest and safest first: the token, the customer id (a strict
@@ -6,22 +6,29 @@ pattern; it becomes a directory name), the declared size, the media type, then t
 read with a hard byte limit and at most two file parts, and only then validated in full against
 the served base model (server/lora/peft.py) and stored atomically as a new version
 (server/lora/store.py). A failed upload leaves nothing behind; a replacement does not disturb
-requests in flight (server/service.py).
+requests in flight (server/service.py). A composition (POST .../compose, server/lora/compose.py)
+is checked the same way: the recipe, the rights on each source (LORAPLEX_SHARED_ADAPTERS), the
+sources themselves, and the composed adapter is validated and stored as an upload is.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import shutil
+from typing import AsyncIterator, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server.api.auth import get_service, require_admin
 from server.api.errors import APIError, BadRequest, PayloadTooLarge, to_api_error
-from server.lora.store import AdapterRecord, check_customer_id
+from server.api.schemas import REQUEST_BODY
+from server.lora.compose import MAX_SOURCES, Recipe, Source
+from server.lora.store import CUSTOMER_ID_PATTERN, AdapterRecord, check_customer_id
 from server.service import Service
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -53,6 +60,46 @@ async def put_adapter(customer_id: str, request: Request, service: Service = Dep
     metrics.count_upload("stored")
     return JSONResponse(_describe(service, record), status_code=201,
                         headers={"Location": f"/admin/adapters/{record.customer_id}"})
+
+
+class ComposeSource(BaseModel):
+    model_config = REQUEST_BODY
+    customer_id: str = Field(pattern=f"^{CUSTOMER_ID_PATTERN}$")
+    weight: float = Field(allow_inf_nan=False)  # negative: subtract the source's delta
+
+
+class ComposeRequest(BaseModel):
+    model_config = REQUEST_BODY
+    sources: list[ComposeSource] = Field(min_length=1, max_length=MAX_SOURCES)
+    method: Literal["cat", "svd"]
+    rank: int | None = Field(None, ge=1)  # svd only: the composed rank (default: the largest source rank)
+
+
+@router.post("/adapters/{customer_id:path}/compose", status_code=201)
+async def compose_adapter(customer_id: str, body: ComposeRequest, request: Request,
+                          service: Service = Depends(get_service)) -> JSONResponse:
+    """Store the weighted composition of stored adapters as the customer's new version (peft's
+    `add_weighted_adapter` with the same sources, weights and combination type); 201 with its
+    metadata and the recipe."""
+    check_customer_id(customer_id)
+    recipe = Recipe(tuple(Source(s.customer_id, s.weight) for s in body.sources), body.method, body.rank)
+    async with request.app.state.upload_slots:  # composing costs what validating an upload does
+        record = await asyncio.to_thread(service.compose_adapter, customer_id, recipe)
+    return JSONResponse(_describe(service, record), status_code=201,
+                        headers={"Location": f"/admin/adapters/{record.customer_id}"})
+
+
+@router.get("/adapters/{customer_id:path}/merged", response_class=FileResponse, responses={
+    200: {"description": "a tar of the merged checkpoint directory", "content": {"application/x-tar": {}}}})
+async def export_merged(customer_id: str, request: Request, service: Service = Depends(get_service)) -> FileResponse:
+    """The customer's current adapter merged into the base model (`loraplex merge`), as a tar of a
+    checkpoint directory that `loraplex serve --model` serves. (Declared before the detail route,
+    whose path parameter would take ".../merged" too.)"""
+    check_customer_id(customer_id)
+    async with request.app.state.upload_slots:  # a merge reads and writes the whole checkpoint
+        work, tar_path, name = await asyncio.to_thread(service.export_merged, customer_id)
+    return FileResponse(tar_path, media_type="application/x-tar", filename=f"{name}.tar",
+                        background=BackgroundTask(shutil.rmtree, work, ignore_errors=True))
 
 
 @router.get("/adapters")

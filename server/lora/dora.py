@@ -1,0 +1,27 @@
+"""DoRA's per-output-channel factor, as peft's `DoraLinearLayer` computes it.
+
+A DoRA adapter (peft `use_dora=True`) keeps LoRA's A, B and scale s and adds a magnitude vector
+m (out,). For a linear with base weight W (out, in) and bias b, peft's forward is
+
+    y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b
+
+with the row norm (over the input features, one per output channel) treated as a constant: it
+depends on the adapter and the base weight only. So it is computed once per module when the
+adapter is loaded (the adapter pool, on its device) or merged (server/lora/merge.py), and the
+step only multiplies each DoRA token's projection output, bias excluded, by its slot's factor
+(kernels.dora_scale). The bias stays outside the factor, as in peft.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dora_factor(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ||W + s B A||_row in float32, on the tensors' device: (out,).
+
+    weight (out, in), lora_a (r, in), lora_b (out, r), magnitude (out,); any float dtypes (the
+    sum is formed in float32, so a bf16 base is not rounded again before the norm)."""
+    combined = weight.float() + scale * (lora_b.float() @ lora_a.float())  # (out, in)
+    return magnitude.float() / torch.linalg.vector_norm(combined, dim=1)
