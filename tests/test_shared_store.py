@@ -20,7 +20,7 @@ CONFIG = b'{"peft_type": "LORA", "r": 4}'
 
 def fake_validate(config: bytes, weights: bytes):
     """The store only needs these fields; adapter validation is tested elsewhere."""
-    return SimpleNamespace(rank=4, alpha=8, target_modules=["q_proj"], use_rslora=False)
+    return SimpleNamespace(rank=4, alpha=8, target_modules=["q_proj"], use_rslora=False, use_dora=False)
 
 
 def _upload_many(root: str, tag: str, count: int, start, results) -> None:
