@@ -70,13 +70,13 @@ def test_pool_factors_on_the_gpu_equal_the_cpus():
     pool = AdapterPool(model, max_adapters=4, max_rank=16)
     adapter = random_adapter(model.config, 8, ("q_proj", "v_proj", "down_proj"), seed=1, dtype=torch.bfloat16,
                              b_std=0.05, dora=True)
-    pool.load(5, adapter)
+    pool.load(3, adapter)  # the last of the pool's 4 one-page slots
     torch.cuda.synchronize()
     qkv = model.layers[1].self_attn.qkv_proj
-    got = qkv.lora.dora_factors[5].cpu()
+    got = qkv.lora.dora_factors[3].cpu()
     m = adapter.modules[(1, "v_proj")]
     rows = slice(sum(qkv.out_sizes[:2]), sum(qkv.out_sizes))
     expected = dora_factor(qkv.weight[rows].cpu(), m.lora_a, m.lora_b, m.scale, m.magnitude)
     torch.testing.assert_close(got[rows], expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(got[qkv.out_sizes[0] : rows.start], torch.ones(qkv.out_sizes[1]))  # k_proj: no module
-    assert qkv.lora.dora_slots[5].item() == 1 and qkv.lora.dora_slots[4].item() == 0
+    assert qkv.lora.dora_slots[3].item() == 1 and qkv.lora.dora_slots[2].item() == 0
