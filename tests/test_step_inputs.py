@@ -135,7 +135,7 @@ def test_lora_metadata_refills_only_when_the_slots_change():
     assert [(s, idx.tolist()) for s, idx in meta.groups()] == [(0, [0]), (1, [1, 2])]
 
 
-@pytest.mark.parametrize("adapters", [None, "attention", "all", "dora"])
+@pytest.mark.parametrize("adapters", [None, "attention", "all", "attention_dora", "dora"])
 def test_padded_graph_shapes_compute_the_unpadded_logits(adapters):
     """The forward a captured graph replays, run eagerly on the CPU at the padded shapes (decode
     and mixed, without LoRA kernels, with them on the attention projections only for adapters of
@@ -157,9 +157,9 @@ def test_padded_graph_shapes_compute_the_unpadded_logits(adapters):
     c = model.config
     pool = AdapterPool(model, max_adapters=3, max_rank=8)
     modules = ("q_proj", "v_proj") + (("down_proj",) if adapters in ("all", "dora") else ())
-    for slot in range(3):  # with "dora", slot 1 holds a LoRA adapter beside two DoRA ones
+    for slot in range(3):  # with DoRA, slot 1 holds a LoRA adapter beside two DoRA ones
         pool.load(slot, random_adapter(c, 4 + 2 * slot, modules, seed=slot, dtype=torch.float32, b_std=0.2,
-                                       dora=adapters == "dora" and slot != 1))
+                                       dora=adapters in ("dora", "attention_dora") and slot != 1))
     runner = ModelRunner(model, KVCache(c.num_layers, 32, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, "cpu"),
                          "cpu", max_num_seqs=6, max_num_batched_tokens=256, max_model_len=64)
     graphs = StepGraphs(runner, 6)
@@ -191,9 +191,10 @@ def test_padded_graph_shapes_compute_the_unpadded_logits(adapters):
         if variant in ("all", "dora"):  # the attention-only graph would drop the down_proj deltas
             graphs._forward(kind, size, "attention")
             assert (graphs.logits[: len(chunks)] - expected).abs().max() > 0.01 * expected.abs().max()
-        if variant == "dora":  # and the LoRA-only graph DoRA's factors
-            graphs._forward(kind, size, "all")
-            assert (graphs.logits[: len(chunks)] - expected).abs().max() > 0.01 * expected.abs().max()
+        if variant in ("dora", "attention_dora"):  # and the LoRA-only graph DoRA's factors: through q and v
+            # alone a small change in the logits, but far beyond fp32's rounding (1e-7)
+            graphs._forward(kind, size, "all" if variant == "dora" else "attention")
+            assert (graphs.logits[: len(chunks)] - expected).abs().max() > 1e-3 * expected.abs().max()
 
 
 def test_graph_dummy_inputs_fit_every_captured_shape():
