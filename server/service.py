@@ -40,8 +40,8 @@ from server.engine.request import GenerationRequest
 from server.lora.cache import AdapterCache, AdapterKey
 from server.lora.compose import Recipe, SourceForbidden, compose
 from server.lora.merge import merge_adapter_dir
-from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE
-from server.lora.peft import AdapterValidationError, load_peft_adapter, max_adapter_upload_bytes
+from server.lora.peft import (CONFIG_FILE, WEIGHTS_FILE, AdapterValidationError, load_peft_adapter,
+                               max_adapter_upload_bytes)
 from server.lora.shared_store import StoreSweeper
 from server.lora.store import AdapterNotFound, AdapterRecord, AdapterStore, check_customer_id
 from server.metrics import EngineSnapshot, Metrics

@@ -25,8 +25,8 @@ most common kind: it skips the MLP's shrink and expand launches, which for such 
 read and rewrite the output (measured half the LoRA launches of a 7B step); and the same two
 for batches holding a DoRA adapter, with DoRA's scaling launch after each projection's LoRA
 kernels (kernels/triton_dora.py), so LoRA-only batches never pay for that launch and q/k/v/o
-DoRA batches still skip the MLP's (with one DoRA graph for all projections, 64 q/k/v/o DoRA
-adapters ran at 0.85x their LoRA twins on the H200, all-linear ones at 0.92x). The LoRA kernels choose their launch
+DoRA batches still skip the MLP's (64 q/k/v/o DoRA adapters on the H200: 0.85x their LoRA
+twins' throughput with one DoRA graph for every projection, 0.98x with these two). The LoRA kernels choose their launch
 configuration from the metadata's host-side hints at capture: decode graphs are captured on
 distinct slots (what decode batches mostly are), mixed graphs on half distinct slots and half
 one long run; other mixes replay correctly, at the captured configuration's speed.
