@@ -150,3 +150,14 @@ def test_merged_export_is_the_merge_of_the_stored_adapter(server, http, sources,
     assert not any((tmp_path / "home" / "exports").iterdir())
     _assert_error(http.get("/admin/adapters/nobody/merged", headers=AUTH), 404)
     assert http.get("/admin/adapters/style/merged").status_code == 401
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("PUT", "/admin/adapters/style/compose", "POST"), ("GET", "/admin/adapters/style/compose", "POST"),
+    ("DELETE", "/admin/adapters/style/compose", "POST"), ("PUT", "/admin/adapters/style/merged", "GET"),
+    ("DELETE", "/admin/adapters/style/merged", "GET"),
+])
+def test_other_methods_on_the_subresources_are_405(http, sources, method, path, allow):
+    response = http.request(method, path, headers=AUTH)
+    assert response.status_code == 405 and response.headers["allow"] == allow, response.text
+    assert http.get("/admin/adapters/style", headers=AUTH).status_code == 200  # untouched

@@ -69,6 +69,10 @@ class NotFound(APIError):
     status_code, default_code = 404, "not_found"
 
 
+class MethodNotAllowed(APIError):
+    status_code, default_code = 405, "method_not_allowed"
+
+
 class PayloadTooLarge(APIError):
     status_code, default_code = 413, "payload_too_large"
 

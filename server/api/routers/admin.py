@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server.api.auth import get_service, require_admin
-from server.api.errors import APIError, BadRequest, PayloadTooLarge, to_api_error
+from server.api.errors import APIError, BadRequest, MethodNotAllowed, PayloadTooLarge, to_api_error
 from server.api.schemas import REQUEST_BODY
 from server.lora.compose import MAX_SOURCES, Recipe, Source
 from server.lora.store import CUSTOMER_ID_PATTERN, AdapterRecord, check_customer_id
@@ -37,6 +37,9 @@ UPLOAD_PREFIX = "/admin/adapters/"  # uploads: bounded by their own limit (Servi
 CONFIG_PART = "adapter_config"
 WEIGHTS_PART = "adapter_model"
 MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json is a few hundred bytes; 1 MiB is generous
+# An adapter's sub-resources and their one method. The {customer_id:path} routes (a path-like id is
+# their 400) also receive these paths for the other methods, which must be a 405 as on any path.
+_SUBRESOURCES = {"compose": "POST", "merged": "GET"}
 _UPLOAD_RESULTS = {"invalid_customer_id": "invalid_customer_id", "invalid_adapter": "invalid_adapter",
                    "payload_too_large": "too_large", "insufficient_storage": "store_full"}
 
@@ -46,6 +49,7 @@ async def put_adapter(customer_id: str, request: Request, service: Service = Dep
     """Multipart upload of `adapter_config` (adapter_config.json) and `adapter_model`
     (adapter_model.safetensors); 201 with the stored version's metadata."""
     metrics = request.app.state.metrics
+    _refuse_subresource(customer_id, "PUT")
     try:
         check_customer_id(customer_id)  # before anything else touches the request
         limit = (service.upload_limit, service.upload_limit_source)
@@ -109,14 +113,24 @@ def list_adapters(service: Service = Depends(get_service)) -> dict:
 
 @router.get("/adapters/{customer_id:path}")
 def get_adapter(customer_id: str, service: Service = Depends(get_service)) -> dict:
+    _refuse_subresource(customer_id, "GET")
     return _describe(service, service.get_adapter(check_customer_id(customer_id)))
 
 
 @router.delete("/adapters/{customer_id:path}")
 def delete_adapter(customer_id: str, service: Service = Depends(get_service)) -> dict:
     """New requests for the customer get 404 at once; requests already running finish."""
+    _refuse_subresource(customer_id, "DELETE")
     record = service.delete_adapter(check_customer_id(customer_id))
     return {**record.to_dict(), "deleted": True}
+
+
+def _refuse_subresource(customer_id: str, method: str) -> None:
+    """405 for `method` on /admin/adapters/<id>/compose or .../merged (see _SUBRESOURCES)."""
+    head, _, tail = customer_id.rpartition("/")
+    if head and tail in _SUBRESOURCES:
+        raise MethodNotAllowed(f"method {method} is not allowed on /admin/adapters/{customer_id}",
+                               headers={"Allow": _SUBRESOURCES[tail]})
 
 
 def _describe(service: Service, record: AdapterRecord) -> dict:
