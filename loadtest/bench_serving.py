@@ -96,7 +96,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=120.0, help="wait for in-flight requests after a phase")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--rank", type=int, default=16, help="adapter rank (q,k,v,o)")
+    p.add_argument("--rank", type=int, default=16, help="adapter rank")
+    p.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj",
+                   help="adapter target modules, comma-separated, or all-linear (default q,k,v,o)")
+    p.add_argument("--adapters-dir", type=Path,
+                   help="upload these peft adapter directories (sorted; the i-th is tenant i) instead of random ones")
+    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint directory instead of writing a random one")
     p.add_argument("--upload-concurrency", type=int, default=4)
     p.add_argument("--request-timeout", type=float, default=300.0, help="per request, between bytes")
     p.add_argument("--client-procs", type=int, default=0,
@@ -124,11 +129,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if not args.phases:
         p.error("--phases is empty")
+    args.modules = _parse_modules(p, args.modules)
+    if args.adapters_dir is not None:
+        args.adapter_dirs = sorted(d for d in args.adapters_dir.iterdir() if (d / "adapter_config.json").is_file())
+        tenants = max(phase.tenants for phase in args.phases)
+        if len(args.adapter_dirs) < tenants:
+            p.error(f"--adapters-dir holds {len(args.adapter_dirs)} adapters, the phases need {tenants}")
     args.tokenizer = args.tokenizer or _default_tokenizer()
     if not (args.tokenizer / "tokenizer.json").is_file() and not (args.tokenizer / "tokenizer_config.json").is_file():
         p.error(f"no tokenizer in {args.tokenizer}: pass --tokenizer DIR (e.g. the SmolLM2 dir that "
                 "`loraplex prepare-model` writes under ~/.cache/loraplex/models)")
     return args
+
+
+def _parse_modules(p: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
+    from loadtest.checkpoint import ALL_LINEAR
+
+    modules = ALL_LINEAR if text.strip() == "all-linear" else tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = sorted(set(modules) - set(ALL_LINEAR))
+    if not modules or unknown:
+        p.error(f"--modules: expected names among {', '.join(ALL_LINEAR)} or all-linear, got {text!r}")
+    return modules
 
 
 def _default_tokenizer() -> Path:
@@ -174,7 +195,9 @@ def _settings_summary(args: argparse.Namespace) -> dict:
     return {"phases": [p.name for p in args.phases], "duration_s": args.duration, "warmup_s": args.warmup,
             "stagger_first_wave": not args.no_stagger, "touch_tenants_first": not args.no_touch,
             "drain_timeout_s": args.drain_timeout, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "rank": args.rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "seed": args.seed,
+            "rank": args.rank, "target_modules": list(args.modules), "seed": args.seed,
+            "adapters_dir": str(args.adapters_dir) if args.adapters_dir else None,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
             "tokenizer": str(args.tokenizer), "server_args": args.server_arg}
 
 
@@ -239,21 +262,26 @@ def run(args: argparse.Namespace, workdir: Path, result: dict, progress: Progres
 
 def _write_checkpoint(args, workdir: Path, device: str, result: dict, progress: Progress):
     """The random checkpoint, its config, and the bytes a decode step of it reads."""
-    from loadtest.checkpoint import QKVO, SHAPES, adapter_bytes, decode_weight_bytes, kv_bytes_per_token
-    from loadtest.checkpoint import write_random_checkpoint
+    from loadtest.checkpoint import SHAPES, adapter_bytes, decode_weight_bytes, kv_bytes_per_token
+    from loadtest.checkpoint import existing_checkpoint, write_random_checkpoint
     from loadtest.roofline import DecodeBytes
     from server.model.config import ModelConfig
 
-    progress(f"writing a random {args.shape} checkpoint")
-    ckpt_dir = workdir / f"model-{args.shape}"
-    checkpoint = write_random_checkpoint(ckpt_dir, SHAPES[args.shape], args.tokenizer, device, args.seed)
+    if args.checkpoint is not None:
+        ckpt_dir = args.checkpoint
+        checkpoint = existing_checkpoint(ckpt_dir)
+        progress(f"serving the checkpoint in {ckpt_dir}")
+    else:
+        progress(f"writing a random {args.shape} checkpoint")
+        ckpt_dir = workdir / f"model-{args.shape}"
+        checkpoint = write_random_checkpoint(ckpt_dir, SHAPES[args.shape], args.tokenizer, device, args.seed)
     cfg = ModelConfig.from_dir(ckpt_dir)
     dtype_bytes = 2 if device.startswith("cuda") else 4  # the server's default dtype: bf16 on GPU, fp32 on CPU
     sizes = DecodeBytes(decode_weight_bytes(cfg, dtype_bytes), kv_bytes_per_token(cfg, dtype_bytes),
-                        adapter_bytes(cfg, args.rank, QKVO, dtype_bytes))
+                        adapter_bytes(cfg, args.rank, args.modules, dtype_bytes))
     result["model_config"] = json.loads((ckpt_dir / "config.json").read_text())
     result["checkpoint"] = {**checkpoint, "decode_bytes": sizes.to_dict(), "dtype_bytes": dtype_bytes}
-    padded = checkpoint["tokenizer"]["padded_from"]
+    padded = checkpoint["tokenizer"].get("padded_from")
     progress(f"  {checkpoint['bytes'] / 1e9:.2f} GB in {checkpoint['write_s']:.1f} s"
              + (f"; tokenizer vocabulary padded from {padded} to {cfg.vocab_size}" if padded else ""))
     return ckpt_dir, cfg, sizes
@@ -337,10 +365,13 @@ def _single_request(args, base_url: str, model: str, token_range, tenant: str | 
 
 def _upload_adapters(args, base_url: str, admin_token: str, customer_ids: list[str], cfg, device: str,
                      model_name: str, progress: Progress) -> dict:
-    from loadtest.checkpoint import QKVO, peft_adapter_files
+    from loadtest.checkpoint import peft_adapter_files
 
     def make_files(index: int) -> tuple[bytes, bytes]:
-        return peft_adapter_files(cfg, args.rank, QKVO, 1000 + index, device, model_name)
+        if args.adapters_dir is not None:
+            folder = args.adapter_dirs[index]
+            return (folder / "adapter_config.json").read_bytes(), (folder / "adapter_model.safetensors").read_bytes()
+        return peft_adapter_files(cfg, args.rank, args.modules, 1000 + index, device, model_name)
 
     progress(f"uploading {len(customer_ids)} adapters ({args.upload_concurrency} at a time)")
     summary = upload_adapters(base_url, admin_token, customer_ids, make_files, args.upload_concurrency,

@@ -30,6 +30,7 @@ TINY = dict(
 )
 SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "tiny": TINY}
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = QKVO + ("gate_proj", "up_proj", "down_proj")
 
 SHARD_BYTES = 4 << 30  # like save_pretrained's max_shard_size: several files, each small enough to build in RAM
 WEIGHT_STD = 0.02
@@ -112,6 +113,14 @@ def write_random_checkpoint(out_dir: Path, shape: dict, tokenizer_dir: Path, dev
             "tokenizer": tokenizer}
 
 
+def existing_checkpoint(ckpt_dir: Path) -> dict:
+    """What write_random_checkpoint would report, for a checkpoint written earlier (reused by a
+    second benchmark in the same session instead of writing 13 GB again)."""
+    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())
+    return {"dir": str(ckpt_dir), "write_s": 0.0, "bytes": index["metadata"]["total_size"],
+            "files": len(set(index["weight_map"].values())), "tokenizer": {"source": str(ckpt_dir), "reused": True}}
+
+
 def _plan_shards(shapes: dict[str, tuple[int, ...]], dtype_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     shards, current, size = [], [], 0
     for name, shape in shapes.items():
@@ -186,3 +195,11 @@ def peft_adapter_files(cfg: ModelConfig, rank: int, modules: tuple[str, ...], se
         "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": False,
     }
     return json.dumps(config, indent=2).encode(), save(tensors, metadata={"format": "pt"})
+
+
+def write_peft_adapter(out_dir: Path, config: bytes, weights: bytes) -> Path:
+    """The two files of peft_adapter_files as a directory PeftModel.from_pretrained reads."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adapter_config.json").write_bytes(config)
+    (out_dir / "adapter_model.safetensors").write_bytes(weights)
+    return out_dir

@@ -5,6 +5,11 @@
 #   bash loadtest/gpu_session.sh micro     # attention and engine benchmarks (JSON in $OUT)
 #   bash loadtest/gpu_session.sh dora      # 64 DoRA vs 64 LoRA adapters, one run (engine_dora_bench_h200.json)
 #   bash loadtest/gpu_session.sh serving [bench_serving.py args]   # the HTTP serving benchmark
+#   bash loadtest/gpu_session.sh peft      # loraplex vs HF transformers/peft (vs_peft_h200.json), issue 11
+#   bash loadtest/gpu_session.sh scale     # 1..2000 adapters, S-LoRA workload (adapter_scale_h200.json), issue 11
+#   bash loadtest/gpu_session.sh upload    # 100 customers uploaded under traffic (upload_under_load_h200.json)
+#
+# peft and scale leave their checkpoint in /tmp/bench; upload serves it when it is there.
 #
 # The machine lacks fastapi, uvicorn, pydantic, cachetools, python-multipart and httptools: they
 # travel as wheels in .whl/ (`../shared/gpu-wheels.sh httptools` downloads them; uvloop is there
@@ -20,7 +25,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-mode=${1:?tests, micro, dora or serving}
+mode=${1:?tests, micro, dora, serving, peft, scale or upload}
 shift
 
 case "$mode" in
@@ -44,8 +49,20 @@ case "$mode" in
     timeout 590 python3 loadtest/bench_serving.py --out "$OUT" --tokenizer .bench/tokenizer "$@" 2>&1 \
       | tee "$OUT/bench_serving.log"
     ;;
+  peft)
+    timeout 560 python3 loadtest/bench_vs_peft.py --out "$OUT" --workdir /tmp/bench "$@" 2>&1 | tee "$OUT/bench_vs_peft.log"
+    ;;
+  scale)
+    timeout 420 python3 loadtest/bench_adapter_scale.py --out "$OUT" --workdir /tmp/bench --time-budget 400 "$@" 2>&1 \
+      | tee "$OUT/bench_adapter_scale.log"
+    ;;
+  upload)
+    ckpt=(); [ -d /tmp/bench/model-llama2-7b ] && ckpt=(--checkpoint /tmp/bench/model-llama2-7b)
+    timeout 200 python3 loadtest/bench_upload_under_load.py --out "$OUT" "${ckpt[@]}" "$@" 2>&1 \
+      | tee "$OUT/bench_upload_under_load.log"
+    ;;
   *)
-    echo "unknown mode $mode: tests, micro or serving" >&2
+    echo "unknown mode $mode: tests, micro, dora, serving, peft, scale or upload" >&2
     exit 2
     ;;
 esac

@@ -109,6 +109,29 @@ class ServerProcess:
         return "\n".join(f"  | {line}" for line in text[-lines:])
 
 
+def start_bench_server(checkpoint: Path, workdir: Path, device: str, log_path: Path, repo: Path,
+                       extra_flags: list[str] = (), host: str = "127.0.0.1", timeout_s: float = 300.0,
+                       say=print) -> tuple[ServerProcess, str]:
+    """`loraplex serve` on a checkpoint with a fresh admin token, its home and adapter store under
+    `workdir`, importing `server` from `repo`; returns it ready, and the admin token."""
+    import secrets
+
+    admin_token = secrets.token_hex(16)
+    env = dict(os.environ, LORAPLEX_ADMIN_TOKEN=admin_token)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    flags = ["--model", str(checkpoint), "--device", device, "--home", str(workdir / "home"),
+             "--adapter-store", str(workdir / "adapters"), *extra_flags]
+    server = ServerProcess(flags, env, log_path, repo, host, free_port(host))
+    say(f"starting the server: {' '.join(server.command)}")
+    server.start()
+    try:
+        say(f"  ready after {server.wait_ready(timeout_s):.1f} s")
+    except ServerStartError:
+        server.stop()
+        raise
+    return server, admin_token
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
