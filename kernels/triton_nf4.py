@@ -1,0 +1,193 @@
+"""`y = x W^T (+ b)` with W in NF4 (kernels/nf4.py): the fused dequantize-matmul, and a dequantize
+kernel for long batches (prefill), whose dense tile cuBLAS then multiplies.
+
+Fused (decode; T up to FUSED_MAX_TOKENS rows of x):
+
+    for each tile of BLOCK_N output channels n (one program; a second grid axis over BLOCK_T rows):
+        for k0 in 0, BLOCK_K, ...:                     # BLOCK_K a multiple of the NF4 block size
+            bytes = packed[n, k0/2 : (k0 + BLOCK_K)/2]            # (BLOCK_N, BLOCK_K/2) uint8
+            a[n, j] = absmax of block (n, k0/bs + j)                # nested: code2[q] * absmax2[g] + offset
+            W_hi = NF4[bytes >> 4] * a, W_lo = NF4[bytes & 15] * a   # float32, rounded once to x's dtype
+            acc += x[:, k0::2] @ W_hi^T + x[:, k0+1::2] @ W_lo^T     # fp32 accumulation (tensor cores)
+        y = acc (+ b), one cast
+
+Each weight byte is read once per BLOCK_T rows of x, so a decode step reads the 4-bit weights
+(plus one absmax code per 64 of them) once: the GEMV is bound by those bytes, a quarter of bf16's.
+The dequantized values are bitsandbytes' own (float32 product, one rounding): the kernel equals
+dequantize-then-matmul up to the order of the fp32 sums. The absmax of a block is computed
+once per (row, block) of the tile, not per element. Which slice (q, k or v of a fused
+projection) a row belongs to picks its nested offset and absmax2 groups: up to MAX_SLICES slices.
+
+No host syncs, no allocation but the output: CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.nf4 import NF4Weight
+
+FUSED_MAX_TOKENS = 64  # above: dequantize once into a dense tile, then cuBLAS (see nf4_linear)
+MAX_SLICES = 3
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, rows, blocks, n_mask, k_mask,
+                  row1, row2, blocks_per_row, NESTED: tl.constexpr, NESTED_BS: tl.constexpr):
+    """float32 absmax of the blocks (rows[:, None], blocks[None, :]) (global block index within a row)."""
+    index = rows[:, None] * blocks_per_row + blocks[None, :]
+    mask = n_mask[:, None] & k_mask[None, :]
+    if NESTED:
+        q = tl.load(absmax_ptr + index, mask=mask, other=0).to(tl.int32)
+        # the slice of each row: its own offset and absmax2 groups
+        s = (rows >= row1).to(tl.int32) + (rows >= row2).to(tl.int32)
+        first_row = tl.where(s == 0, 0, tl.where(s == 1, row1, row2))
+        offset = tl.load(offsets_ptr + s, mask=n_mask, other=0.0)
+        group0 = tl.load(group_starts_ptr + s, mask=n_mask, other=0)
+        local = index - (first_row * blocks_per_row)[:, None]
+        group = group0[:, None] + local // NESTED_BS
+        a2 = tl.load(absmax2_ptr + group, mask=mask, other=0.0)
+        return tl.load(code2_ptr + q) * a2 + offset[:, None]
+    return tl.load(absmax_ptr + index, mask=mask, other=0.0)
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, code_ptr, bias_ptr, y_ptr,
+    T, N, K, row1, row2,
+    stride_xt, stride_yt,
+    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask, n_mask = offs_t < T, offs_n < N
+    HALF: tl.constexpr = BLOCK_K // 2
+    BLOCKS: tl.constexpr = BLOCK_K // BS  # NF4 blocks per row of the tile
+    offs_j = tl.arange(0, HALF)  # byte j of the tile's row: elements 2j (high nibble) and 2j + 1
+    offs_b = tl.arange(0, BLOCKS)
+    half_k = K // 2
+    blocks_per_row = K // BS
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        # the tile transposed, (K-side, N-side), so tl.dot takes it as it is
+        j_mask = (k0 // 2 + offs_j) < half_k
+        packed = tl.load(packed_ptr + offs_n[None, :] * half_k + (k0 // 2 + offs_j)[:, None],
+                         mask=j_mask[:, None] & n_mask[None, :], other=0)  # (HALF, BLOCK_N) uint8
+        blocks = k0 // BS + offs_b
+        a = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, offs_n, blocks, n_mask,
+                          blocks < blocks_per_row, row1, row2, blocks_per_row, NESTED, NESTED_BS)  # (BLOCK_N, BLOCKS)
+        a = tl.trans(a)[:, None, :]  # (BLOCKS, 1, BLOCK_N)
+        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+        lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32))
+        w_hi = tl.reshape(tl.reshape(hi, (BLOCKS, BS // 2, BLOCK_N)) * a, (HALF, BLOCK_N))
+        w_lo = tl.reshape(tl.reshape(lo, (BLOCKS, BS // 2, BLOCK_N)) * a, (HALF, BLOCK_N))
+        x_even = tl.load(x_ptr + offs_t[:, None] * stride_xt + (k0 + 2 * offs_j)[None, :],
+                         mask=t_mask[:, None] & j_mask[None, :], other=0.0)
+        x_odd = tl.load(x_ptr + offs_t[:, None] * stride_xt + (k0 + 2 * offs_j + 1)[None, :],
+                        mask=t_mask[:, None] & j_mask[None, :], other=0.0)
+        w_hi = w_hi.to(x_even.dtype)  # bitsandbytes' dequantized weight: one rounding of the fp32 product
+        w_lo = w_lo.to(x_even.dtype)
+        if DOT_IN_FP32:  # fp32 models (no TF32), and the CPU interpreter, whose 16-bit tl.dot is wrong
+            acc += tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x_even, w_hi)
+            acc += tl.dot(x_odd, w_lo)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, code_ptr, out_ptr,
+    N, K, row1, row2,
+    NESTED: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[n, k] = NF4[q[n, k]] * absmax(n, k // BS), in out's dtype: one (BLOCK_N, BLOCK_K) tile a program."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    HALF: tl.constexpr = BLOCK_K // 2
+    BLOCKS: tl.constexpr = BLOCK_K // BS
+    offs_j = tl.arange(0, HALF)
+    n_mask = offs_n < N
+    j_mask = (k0 // 2 + offs_j) < K // 2
+    mask = n_mask[:, None] & j_mask[None, :]
+    packed = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + offs_j)[None, :], mask=mask, other=0)
+    blocks = k0 // BS + tl.arange(0, BLOCKS)
+    a = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, offs_n, blocks, n_mask,
+                      blocks < K // BS, row1, row2, K // BS, NESTED, NESTED_BS)[:, :, None]
+    hi = tl.reshape(tl.reshape(tl.load(code_ptr + (packed >> 4).to(tl.int32)), (BLOCK_N, BLOCKS, BS // 2)) * a,
+                    (BLOCK_N, HALF))
+    lo = tl.reshape(tl.reshape(tl.load(code_ptr + (packed & 0xF).to(tl.int32)), (BLOCK_N, BLOCKS, BS // 2)) * a,
+                    (BLOCK_N, HALF))
+    out = out_ptr + offs_n[:, None] * K + (k0 + 2 * offs_j)[None, :]
+    tl.store(out, hi.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + 1, lo.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _slice_args(w: NF4Weight):
+    if len(w.slice_rows) - 1 > MAX_SLICES:
+        raise ValueError(f"an NF4 weight of {len(w.slice_rows) - 1} slices (the kernels take {MAX_SLICES})")
+    n = w.shape[0]
+    bounds = list(w.slice_rows[1:-1]) + [n] * (MAX_SLICES - len(w.slice_rows) + 1)
+    if w.nested:
+        return (w.absmax, w.absmax2, w.code2, w.offsets, w.group_starts), bounds[0], bounds[1]
+    return (w.absmax, w.absmax, w.code, w.code, w.code), bounds[0], bounds[1]  # unread stand-ins
+
+
+def _tile_k(w: NF4Weight) -> int:
+    return max(w.blocksize, 128)
+
+
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+               num_stages: int = 3) -> torch.Tensor:
+    """The fused kernel: (T, K) x -> (T, N) in x's dtype."""
+    T, K = x.shape
+    N = w.shape[0]
+    if K != w.shape[1] or x.stride(1) != 1:
+        raise ValueError(f"x of shape {tuple(x.shape)} (unit stride in K) does not fit an NF4 weight of {w.shape}")
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
+    block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
+    block_n = block_n or (32 if T <= 16 else 64)
+    block_k = block_k or max(_tile_k(w), 256 if T <= 16 else 128)
+    stats, row1, row2 = _slice_args(w)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
+    _nf4_matmul_kernel[grid](
+        x, w.packed, *stats, w.code, bias if bias is not None else out, out,
+        T, N, K, row1, row2, x.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, NESTED=w.nested, BS=w.blocksize, NESTED_BS=w.nested_blocksize,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IN_FP32=x.dtype == torch.float32 or _INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense (N, K) weight, bitsandbytes' dequantize_4bit, in one launch."""
+    N, K = w.shape
+    out = torch.empty(N, K, dtype=dtype, device=w.device) if out is None else out
+    stats, row1, row2 = _slice_args(w)
+    block_n, block_k = 32, _tile_k(w)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _nf4_dequantize_kernel[grid](w.packed, *stats, w.code, out, N, K, row1, row2, NESTED=w.nested,
+                                 BS=w.blocksize, NESTED_BS=w.nested_blocksize, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode-sized batches: the fused kernel; longer ones (prefill): dequantize, then cuBLAS, whose
+    GEMM at hundreds of rows is compute-bound and amortises the dense tile."""
+    if x.shape[0] <= FUSED_MAX_TOKENS:
+        return nf4_matmul(x, w, bias)
+    return torch.nn.functional.linear(x, nf4_dequantize(w, x.dtype), bias)
