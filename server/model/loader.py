@@ -2,6 +2,10 @@
 
 Hugging Face's separate q/k/v and gate/up weights are concatenated into our fused
 projections as they are read; every expected tensor must be present and fit exactly.
+With `quantize` ("nf4", "fp8"), each projection module is quantized on the device as it is read
+(server/model/quantized.py) and the dense projection weights are never allocated. A checkpoint
+that is itself quantized (`quantization_config` in its config.json) is refused with a clear
+error: we do not read those layouts yet.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from safetensors import safe_open
 
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
+from server.model.quantized import QuantizationError, check_format, fuse, quantize_module
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF sub-module -> (our projection, index of the slice it fills)
@@ -42,14 +47,23 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> LlamaModel:
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, quantize: str | None = None
+               ) -> LlamaModel:
     path = Path(path)
+    quantize = check_format(quantize)
+    check_not_prequantized(path)
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = LlamaModel(cfg).to(dtype)
+    projections = {f"layers.{i}.{'self_attn' if name in ('qkv_proj', 'o_proj') else 'mlp'}.{name}": proj
+                   for i, name, proj in model.projections()}
+    if quantize:
+        for proj in projections.values():
+            proj.weight = None  # never allocated: filled module by module with quantized weights
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}  # elements written per parameter
+    pending: dict[str, dict[int, object]] = {}  # quantized projection -> its modules read so far, by row offset
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -57,16 +71,47 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str)
                 if target is None:
                     continue
                 name, row_offset, rows = target
+                module = name.removesuffix(".weight")
+                if quantize and name.endswith(".weight") and module in projections:
+                    proj = projections[module]
+                    tensor = f.get_tensor(key)
+                    expected = (rows or sum(proj.out_sizes), proj.in_features)
+                    if tuple(tensor.shape) != expected:
+                        raise CheckpointError(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}")
+                    parts = pending.setdefault(module, {})
+                    parts[row_offset] = quantize_module(tensor.to(device=device, dtype=dtype), quantize)
+                    if len(parts) == len(proj.out_sizes):
+                        proj.quantized = fuse([parts[offset] for offset in sorted(parts)])
+                        del pending[module]
+                    continue
                 if name not in params:
                     raise CheckpointError(f"unexpected tensor {key!r} in {file.name}")
                 tensor = f.get_tensor(key)
                 _copy_rows(params[name], tensor, row_offset, rows, key)
                 filled[name] += tensor.numel()
     missing = [n for n, count in filled.items() if count != params[n].numel()]
+    missing += [f"{m}.weight" for m, p in projections.items() if quantize and p.quantized is None]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks tensors for: {', '.join(missing[:5])}")
     model.reset_rope()
     return model.eval()
+
+
+def check_not_prequantized(path: Path) -> None:
+    """A checkpoint saved quantized (transformers' `quantization_config`: bitsandbytes, compressed-tensors,
+    fbgemm_fp8, ...) holds packed tensors and states our loader does not read: a clear error, not a
+    shape mismatch. Quantize a bf16 checkpoint at load instead (--quantize nf4|fp8)."""
+    try:
+        with open(path / "config.json") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # ModelConfig.from_dir reports it
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise QuantizationError(
+            f"{path} is a quantized checkpoint (quantization_config with quant_method {method!r}), which loraplex "
+            "cannot read: serve its bf16 original with --quantize nf4 or --quantize fp8 (quantized as it loads)")
 
 
 def _target(key: str, cfg: ModelConfig) -> tuple[str, int, int | None] | None:
