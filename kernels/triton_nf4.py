@@ -23,6 +23,7 @@ No host syncs, no allocation but the output: CUDA-graph capturable.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,6 +34,8 @@ from kernels.nf4 import NF4Weight
 
 FUSED_MAX_TOKENS = 64  # above: dequantize once into a dense tile, then cuBLAS (see nf4_linear)
 MAX_SLICES = 3
+PROGRAMS_PER_SM = 4  # split-K until the fused kernel has this many programs per SM (memory-level parallelism)
+MAX_SPLIT_K = 16
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -59,13 +62,14 @@ def _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, code_ptr, bias_ptr, y_ptr,
-    T, N, K, row1, row2,
+    T, N, K, row1, row2, k_per_split,
     stride_xt, stride_yt,
     HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
+    pid_k = tl.program_id(2)  # split-K: this program's share of K, partial sums to y[pid_k] (fp32)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask, n_mask = offs_t < T, offs_n < N
@@ -76,7 +80,8 @@ def _nf4_matmul_kernel(
     half_k = K // 2
     blocks_per_row = K // BS
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_end = tl.minimum(K, (pid_k + 1) * k_per_split)
+    for k0 in range(pid_k * k_per_split, k_end, BLOCK_K):
         # the tile transposed, (K-side, N-side), so tl.dot takes it as it is
         j_mask = (k0 // 2 + offs_j) < half_k
         packed = tl.load(packed_ptr + offs_n[None, :] * half_k + (k0 // 2 + offs_j)[:, None],
@@ -103,6 +108,7 @@ def _nf4_matmul_kernel(
             acc += tl.dot(x_odd, w_lo)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptr += pid_k * T * stride_yt
     tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=t_mask[:, None] & n_mask[None, :])
 
@@ -149,28 +155,54 @@ def _tile_k(w: NF4Weight) -> int:
     return max(w.blocksize, 128)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-               block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
-               num_stages: int = 3) -> torch.Tensor:
-    """The fused kernel: (T, K) x -> (T, N) in x's dtype."""
+               block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+               num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """The fused kernel: (T, K) x -> (T, N) in x's dtype.
+
+    split_k (default: enough programs to fill the device PROGRAMS_PER_SM times over, since a GEMV
+    of few output tiles, e.g. N = 4096 in tiles of 32, would leave most SMs idle): programs share K
+    and write fp32 partial sums that one reduction then adds and casts."""
     T, K = x.shape
     N = w.shape[0]
     if K != w.shape[1] or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (unit stride in K) does not fit an NF4 weight of {w.shape}")
-    out = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
     block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
     block_n = block_n or (32 if T <= 16 else 64)
     block_k = block_k or max(_tile_k(w), 256 if T <= 16 else 128)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(T, block_t)
+    k_tiles = triton.cdiv(K, block_k)
+    if split_k is None:
+        sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
+        split_k = max(1, min(k_tiles, MAX_SPLIT_K, triton.cdiv(PROGRAMS_PER_SM * sms, tiles)))
+    k_per_split = triton.cdiv(k_tiles, split_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
+    if split_k == 1:
+        target = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
+    else:
+        target = torch.empty(split_k, T, N, dtype=torch.float32, device=x.device)
     stats, row1, row2 = _slice_args(w)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t), split_k)
     _nf4_matmul_kernel[grid](
-        x, w.packed, *stats, w.code, bias if bias is not None else out, out,
-        T, N, K, row1, row2, x.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, NESTED=w.nested, BS=w.blocksize, NESTED_BS=w.nested_blocksize,
+        x, w.packed, *stats, w.code, bias if bias is not None and split_k == 1 else target, target,
+        T, N, K, row1, row2, k_per_split, x.stride(0), target.stride(-2),
+        HAS_BIAS=bias is not None and split_k == 1, NESTED=w.nested, BS=w.blocksize, NESTED_BS=w.nested_blocksize,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IN_FP32=x.dtype == torch.float32 or _INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    if split_k == 1:
+        return target
+    total = target.sum(dim=0)
+    if bias is not None:
+        total += bias.float()
+    if out is None:
+        return total.to(x.dtype)
+    return out.copy_(total)
 
 
 def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -83,6 +83,16 @@ def test_non_nested_weight_and_strided_rows():
     torch.testing.assert_close(nf4_matmul(x, w), x @ dequantize_nf4(w).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_split_k_partial_sums(split_k):
+    """K shared by 1, 2 or 3 programs (3 tiles of 128 over K = 320: the last share is short)."""
+    w = make_weight((48, 16), 320, torch.float32, seed=split_k)
+    x = torch.randn(5, 320, device=DEVICE)
+    b = torch.randn(64, device=DEVICE)
+    got = nf4_matmul(x, w, b, block_k=128, split_k=split_k)
+    torch.testing.assert_close(got, x @ dequantize_nf4(w).T + b, rtol=1e-5, atol=1e-5)
+
+
 def test_long_batches_take_the_dequantize_path():
     w = make_weight((32,), 128, torch.float32, seed=9)
     x = torch.randn(FUSED_MAX_TOKENS + 3, 128, device=DEVICE)
