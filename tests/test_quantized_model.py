@@ -9,6 +9,8 @@ nested absmax codes of bitsandbytes' CPU build differ from ours on near-ties
 own dequantized weights the forward matches at the dense tolerance (ATOL). Then SmolLM2 (the
 default model) quantized at load generates the same greedy tokens as transformers over the
 bitsandbytes-dequantized checkpoint.
+A checkpoint transformers saved with a bitsandbytes NF4 config loads as saved (no re-quantization):
+our logits equal transformers' own Linear4bit model's, with and without a peft adapter, at ATOL.
 FP8: the tiny model's logits against a float32 re-computation of the fp8 forward (kernels/fp8.py)
 from transformers' modules, and close to the dense model (the quantization error, bounded).
 """
@@ -225,3 +227,55 @@ def test_metrics_state_the_weight_format_and_bytes():
     text = generate_latest(metrics.registry).decode()
     assert 'loraplex_model_weight_bytes{format="nf4"} 3.7e+10' in text
     assert "loraplex_kv_cache_bytes 6e+10" in text and "loraplex_adapter_pool_bytes 2.8e+10" in text
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoint(base, tmp_path_factory):
+    """The tiny base saved by transformers with a bitsandbytes 4-bit NF4 config (double quantization),
+    and transformers' own model loaded from it (bitsandbytes' CPU backend)."""
+    from transformers import BitsAndBytesConfig
+
+    _, path = base
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+    out = tmp_path_factory.mktemp("bnb-nf4")
+    quantized.save_pretrained(out)
+    return out, quantized
+
+
+def test_a_bitsandbytes_nf4_checkpoint_loads_as_saved(base, bnb_checkpoint):
+    """Its codes and statistics are read as they are (no re-quantization): our logits equal
+    transformers' over the same bitsandbytes modules, a LoRA adapter on top equals peft's."""
+    path, quantized = bnb_checkpoint
+    model = load_model(path, torch.float32, "cpu")
+    assert weight_format(model) == "nf4"
+    ids = torch.randint(0, 128, (10,)).tolist()
+    runner, _ = _runner(model)
+    ours = runner.run([SequenceChunk(ids, 0, [0, 1, 2])], all_logits=True)
+    torch.testing.assert_close(ours, _logits(quantized, ids), atol=ATOL, rtol=0)
+    # the modules bitsandbytes saved dequantize to exactly what its Linear4bit computes with
+    with torch.no_grad():
+        module = quantized.model.layers[1].mlp.down_proj
+        expected = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    torch.testing.assert_close(model.layers[1].mlp.down_proj.dense_weight(0), expected, atol=0, rtol=0)
+    peft_model = make_peft_model(quantized, "r8-qv", seed=11)
+    adapter_dir = save_adapter(peft_model, path.parent / "adapter-over-bnb")
+    runner, slots = _runner(load_model(path, torch.float32, "cpu"),
+                            [("a", load_peft_adapter_dir(adapter_dir, model.config, max_rank=16))])
+    ours = runner.run([SequenceChunk(ids, 0, [0, 1, 2], lora_slot=slots["a"])], all_logits=True)
+    torch.testing.assert_close(ours, _logits(peft_model, ids), atol=ATOL, rtol=0)
+
+
+def test_bitsandbytes_checkpoints_we_cannot_read_are_clear_errors(bnb_checkpoint, tmp_path):
+    path, _ = bnb_checkpoint
+    with pytest.raises(QuantizationError, match="cannot re-quantize"):
+        load_model(path, torch.float32, "cpu", quantize="fp8")
+    for change, message in (({"bnb_4bit_quant_type": "fp4"}, "only nf4"), ({"load_in_4bit": False}, "8-bit")):
+        other = tmp_path / message.replace(" ", "-")
+        other.mkdir()
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"].update(change)
+        (other / "config.json").write_text(json.dumps(config))
+        with pytest.raises(QuantizationError, match=message):
+            load_model(other, torch.float32, "cpu")

@@ -4,8 +4,9 @@ Hugging Face's separate q/k/v and gate/up weights are concatenated into our fuse
 projections as they are read; every expected tensor must be present and fit exactly.
 With `quantize` ("nf4", "fp8"), each projection module is quantized on the device as it is read
 (server/model/quantized.py) and the dense projection weights are never allocated. A checkpoint
-that is itself quantized (`quantization_config` in its config.json) is refused with a clear
-error: we do not read those layouts yet.
+that transformers saved with a bitsandbytes 4-bit NF4 config is read as it is, NF4 codes and
+statistics unchanged (server/model/bnb_checkpoint.py); any other quantized checkpoint
+(`quantization_config` in its config.json) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from server.model import bnb_checkpoint
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
 from server.model.quantized import QuantizationError, check_format, fuse, quantize_module
@@ -51,7 +53,15 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                ) -> LlamaModel:
     path = Path(path)
     quantize = check_format(quantize)
-    check_not_prequantized(path)
+    if saved_as_nf4(path):
+        if quantize not in (None, "nf4"):
+            raise QuantizationError(f"{path} holds NF4 weights (bitsandbytes): --quantize {quantize} cannot "
+                                    "re-quantize them; serve it without --quantize (or with nf4)")
+        return _load(path, dtype, device, "nf4", prequantized=True)
+    return _load(path, dtype, device, quantize, prequantized=False)
+
+
+def _load(path: Path, dtype: torch.dtype, device, quantize: str | None, prequantized: bool) -> LlamaModel:
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = LlamaModel(cfg).to(dtype)
@@ -64,9 +74,35 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}  # elements written per parameter
     pending: dict[str, dict[int, object]] = {}  # quantized projection -> its modules read so far, by row offset
+    saved: dict[str, dict[str, torch.Tensor]] = {}  # bitsandbytes: HF module -> its tensors read so far
+
+    def add_module(key: str, quantized_module) -> None:
+        name, row_offset, _ = _target(key, cfg)
+        module = name.removesuffix(".weight")
+        proj = projections[module]
+        parts = pending.setdefault(module, {})
+        parts[row_offset] = quantized_module
+        if len(parts) == len(proj.out_sizes):
+            proj.quantized = fuse([parts[offset] for offset in sorted(parts)])
+            del pending[module]
+
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
+                split = bnb_checkpoint.split_key(key) if prequantized else None
+                if split is not None:
+                    hf_module, suffix = split
+                    target = _target(f"{hf_module}.weight", cfg)
+                    if target is None or target[0].removesuffix(".weight") not in projections:
+                        raise CheckpointError(f"unexpected quantized tensor {key!r} in {file.name}")
+                    saved.setdefault(hf_module, {})[suffix] = f.get_tensor(key)
+                    if bnb_checkpoint.complete(saved[hf_module]):
+                        name, _, rows = target
+                        proj = projections[name.removesuffix(".weight")]
+                        shape = (rows or sum(proj.out_sizes), proj.in_features)
+                        add_module(f"{hf_module}.weight",
+                                   bnb_checkpoint.to_nf4(hf_module, saved.pop(hf_module), shape, dtype, device))
+                    continue
                 target = _target(key, cfg)
                 if target is None:
                     continue
@@ -78,11 +114,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                     expected = (rows or sum(proj.out_sizes), proj.in_features)
                     if tuple(tensor.shape) != expected:
                         raise CheckpointError(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}")
-                    parts = pending.setdefault(module, {})
-                    parts[row_offset] = quantize_module(tensor.to(device=device, dtype=dtype), quantize)
-                    if len(parts) == len(proj.out_sizes):
-                        proj.quantized = fuse([parts[offset] for offset in sorted(parts)])
-                        del pending[module]
+                    add_module(key, quantize_module(tensor.to(device=device, dtype=dtype), quantize))
                     continue
                 if name not in params:
                     raise CheckpointError(f"unexpected tensor {key!r} in {file.name}")
@@ -91,24 +123,33 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                 filled[name] += tensor.numel()
     missing = [n for n, count in filled.items() if count != params[n].numel()]
     missing += [f"{m}.weight" for m, p in projections.items() if quantize and p.quantized is None]
+    missing += [f"{m}.weight (some of its bitsandbytes tensors)" for m in saved]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks tensors for: {', '.join(missing[:5])}")
     model.reset_rope()
     return model.eval()
 
 
-def check_not_prequantized(path: Path) -> None:
-    """A checkpoint saved quantized (transformers' `quantization_config`: bitsandbytes, compressed-tensors,
-    fbgemm_fp8, ...) holds packed tensors and states our loader does not read: a clear error, not a
-    shape mismatch. Quantize a bf16 checkpoint at load instead (--quantize nf4|fp8)."""
+def saved_as_nf4(path: Path) -> bool:
+    """True for a checkpoint transformers saved with a bitsandbytes 4-bit NF4 config. Any other
+    `quantization_config` (bitsandbytes 8-bit or FP4, AWQ, GPTQ, compressed-tensors, fbgemm_fp8, ...)
+    holds packed tensors and states our loader does not read: a clear error, not a shape mismatch.
+    Quantize its bf16 original at load instead (--quantize nf4|fp8)."""
     try:
         with open(path / "config.json") as f:
             config = json.load(f)
     except (OSError, ValueError):
-        return  # ModelConfig.from_dir reports it
+        return False  # ModelConfig.from_dir reports it
     quant = config.get("quantization_config")
+    if not quant:
+        return False
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    try:
+        if isinstance(quant, dict) and bnb_checkpoint.is_bnb_4bit(quant):
+            return True
+    except bnb_checkpoint.BnbCheckpointError as exc:
+        raise QuantizationError(f"{path}: {exc}") from None
     if quant:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
         raise QuantizationError(
             f"{path} is a quantized checkpoint (quantization_config with quant_method {method!r}), which loraplex "
             "cannot read: serve its bf16 original with --quantize nf4 or --quantize fp8 (quantized as it loads)")
