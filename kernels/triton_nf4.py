@@ -3,20 +3,21 @@ kernel for long batches (prefill), whose dense tile cuBLAS then multiplies.
 
 Fused (decode; T up to FUSED_MAX_TOKENS rows of x):
 
-    for each tile of BLOCK_N output channels n (one program; a second grid axis over BLOCK_T rows):
-        for k0 in 0, BLOCK_K, ...:                     # BLOCK_K a multiple of the NF4 block size
-            bytes = packed[n, k0/2 : (k0 + BLOCK_K)/2]            # (BLOCK_N, BLOCK_K/2) uint8
-            a[n, j] = absmax of block (n, k0/bs + j)                # nested: code2[q] * absmax2[g] + offset
+    for each tile of BLOCK_N output channels n (one program; grid axes over BLOCK_T rows of x and
+    split-K shares of K):
+        for each NF4 block b (64 elements of K) of the share, UNROLL blocks per loop iteration:
+            bytes = packed[n, 32b : 32b + 32]                       # (32, BLOCK_N) uint8, transposed
+            a[n] = absmax of (n, b)                                  # nested: code2[q] * absmax2[g] + offset
             W_hi = NF4[bytes >> 4] * a, W_lo = NF4[bytes & 15] * a   # float32, rounded once to x's dtype
-            acc += x[:, k0::2] @ W_hi^T + x[:, k0+1::2] @ W_lo^T     # fp32 accumulation (tensor cores)
-        y = acc (+ b), one cast
+            acc += x[:, 64b::2] @ W_hi + x[:, 64b+1::2] @ W_lo       # fp32 accumulation (tensor cores)
+        y = acc (+ b), one cast (split-K: fp32 partial sums, one reduction adds them)
 
 Each weight byte is read once per BLOCK_T rows of x, so a decode step reads the 4-bit weights
 (plus one absmax code per 64 of them) once: the GEMV is bound by those bytes, a quarter of bf16's.
 The dequantized values are bitsandbytes' own (float32 product, one rounding): the kernel equals
-dequantize-then-matmul up to the order of the fp32 sums. The absmax of a block is computed
-once per (row, block) of the tile, not per element. Which slice (q, k or v of a fused
-projection) a row belongs to picks its nested offset and absmax2 groups: up to MAX_SLICES slices.
+dequantize-then-matmul up to the order of the fp32 sums. A block's absmax is one value per row,
+broadcast over its bytes. Which slice (q, k or v of a fused projection) a row belongs to picks its
+nested offset and absmax2 groups: up to MAX_SLICES slices.
 
 No host syncs, no allocation but the output: CUDA-graph capturable.
 """
@@ -65,47 +66,58 @@ def _nf4_matmul_kernel(
     T, N, K, row1, row2, k_per_split,
     stride_xt, stride_yt,
     HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
+    """One NF4 block (BS elements of K) at a time, UNROLL of them per loop iteration: each block has
+    one absmax per row, a (BLOCK_N,) vector broadcast over its BS/2 bytes, so the tile needs no
+    reshape; the tile is loaded transposed, (bytes, rows), as tl.dot takes it."""
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)  # split-K: this program's share of K, partial sums to y[pid_k] (fp32)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask, n_mask = offs_t < T, offs_n < N
-    HALF: tl.constexpr = BLOCK_K // 2
-    BLOCKS: tl.constexpr = BLOCK_K // BS  # NF4 blocks per row of the tile
-    offs_j = tl.arange(0, HALF)  # byte j of the tile's row: elements 2j (high nibble) and 2j + 1
-    offs_b = tl.arange(0, BLOCKS)
+    HALF: tl.constexpr = BS // 2
+    offs_j = tl.arange(0, HALF)  # byte j of a block's row: elements 2j (high nibble) and 2j + 1
     half_k = K // 2
     blocks_per_row = K // BS
+    # each row's slice (q, k or v of a fused projection): its nested offset and first absmax2 group
+    if NESTED:
+        s = (offs_n >= row1).to(tl.int32) + (offs_n >= row2).to(tl.int32)
+        first_row = tl.where(s == 0, 0, tl.where(s == 1, row1, row2))
+        offset = tl.load(offsets_ptr + s, mask=n_mask, other=0.0)
+        group0 = tl.load(group_starts_ptr + s, mask=n_mask, other=0)
+        local_base = (offs_n - first_row) * blocks_per_row  # the row's first block within its slice
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_k + 1) * k_per_split)
-    for k0 in range(pid_k * k_per_split, k_end, BLOCK_K):
-        # the tile transposed, (K-side, N-side), so tl.dot takes it as it is
-        j_mask = (k0 // 2 + offs_j) < half_k
-        packed = tl.load(packed_ptr + offs_n[None, :] * half_k + (k0 // 2 + offs_j)[:, None],
-                         mask=j_mask[:, None] & n_mask[None, :], other=0)  # (HALF, BLOCK_N) uint8
-        blocks = k0 // BS + offs_b
-        a = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, offs_n, blocks, n_mask,
-                          blocks < blocks_per_row, row1, row2, blocks_per_row, NESTED, NESTED_BS)  # (BLOCK_N, BLOCKS)
-        a = tl.trans(a)[:, None, :]  # (BLOCKS, 1, BLOCK_N)
-        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-        lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32))
-        w_hi = tl.reshape(tl.reshape(hi, (BLOCKS, BS // 2, BLOCK_N)) * a, (HALF, BLOCK_N))
-        w_lo = tl.reshape(tl.reshape(lo, (BLOCKS, BS // 2, BLOCK_N)) * a, (HALF, BLOCK_N))
-        x_even = tl.load(x_ptr + offs_t[:, None] * stride_xt + (k0 + 2 * offs_j)[None, :],
-                         mask=t_mask[:, None] & j_mask[None, :], other=0.0)
-        x_odd = tl.load(x_ptr + offs_t[:, None] * stride_xt + (k0 + 2 * offs_j + 1)[None, :],
-                        mask=t_mask[:, None] & j_mask[None, :], other=0.0)
-        w_hi = w_hi.to(x_even.dtype)  # bitsandbytes' dequantized weight: one rounding of the fp32 product
-        w_lo = w_lo.to(x_even.dtype)
-        if DOT_IN_FP32:  # fp32 models (no TF32), and the CPU interpreter, whose 16-bit tl.dot is wrong
-            acc += tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32), input_precision="ieee")
-            acc += tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x_even, w_hi)
-            acc += tl.dot(x_odd, w_lo)
+    for k0 in range(pid_k * k_per_split, k_end, BS * UNROLL):
+        for u in tl.static_range(UNROLL):
+            kb = k0 + u * BS
+            block = kb // BS
+            k_mask = (kb + 2 * offs_j) < k_end  # (HALF,): all or nothing (k_end is a block boundary)
+            row_mask = n_mask & ((offs_n * 0 + kb) < k_end)
+            if NESTED:
+                q = tl.load(absmax_ptr + offs_n * blocks_per_row + block, mask=row_mask, other=0).to(tl.int32)
+                a2 = tl.load(absmax2_ptr + group0 + (local_base + block) // NESTED_BS, mask=row_mask, other=0.0)
+                a = tl.load(code2_ptr + q) * a2 + offset  # (BLOCK_N,) float32, as bitsandbytes forms it
+            else:
+                a = tl.load(absmax_ptr + offs_n * blocks_per_row + block, mask=row_mask, other=0.0)
+            packed = tl.load(packed_ptr + offs_n[None, :] * half_k + (kb // 2 + offs_j)[:, None],
+                             mask=k_mask[:, None] & n_mask[None, :], other=0)  # (HALF, BLOCK_N) uint8
+            w_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * a[None, :]
+            w_lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * a[None, :]
+            x_mask = t_mask[:, None] & k_mask[None, :]
+            x_even = tl.load(x_ptr + offs_t[:, None] * stride_xt + (kb + 2 * offs_j)[None, :], mask=x_mask, other=0.0)
+            x_odd = tl.load(x_ptr + offs_t[:, None] * stride_xt + (kb + 2 * offs_j + 1)[None, :], mask=x_mask,
+                            other=0.0)
+            w_hi = w_hi.to(x_even.dtype)  # bitsandbytes' dequantized weight: one rounding of the fp32 product
+            w_lo = w_lo.to(x_even.dtype)
+            if DOT_IN_FP32:  # fp32 models (no TF32), and the CPU interpreter, whose 16-bit tl.dot is wrong
+                acc += tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x_even, w_hi)
+                acc += tl.dot(x_odd, w_lo)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptr += pid_k * T * stride_yt
@@ -163,6 +175,7 @@ def _num_sms(device_index: int) -> int:
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    # block_k: elements of K per loop iteration, a multiple of the NF4 block size (UNROLL blocks)
     """The fused kernel: (T, K) x -> (T, N) in x's dtype.
 
     split_k (default: enough programs to fill the device PROGRAMS_PER_SM times over, since a GEMV
@@ -174,7 +187,9 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
         raise ValueError(f"x of shape {tuple(x.shape)} (unit stride in K) does not fit an NF4 weight of {w.shape}")
     block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
     block_n = block_n or (32 if T <= 16 else 64)
-    block_k = block_k or max(_tile_k(w), 256 if T <= 16 else 128)
+    block_k = block_k or max(w.blocksize, 256)
+    if block_k % w.blocksize:
+        raise ValueError(f"block_k {block_k} is not a multiple of the NF4 block size {w.blocksize}")
     tiles = triton.cdiv(N, block_n) * triton.cdiv(T, block_t)
     k_tiles = triton.cdiv(K, block_k)
     if split_k is None:
@@ -192,7 +207,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
         x, w.packed, *stats, w.code, bias if bias is not None and split_k == 1 else target, target,
         T, N, K, row1, row2, k_per_split, x.stride(0), target.stride(-2),
         HAS_BIAS=bias is not None and split_k == 1, NESTED=w.nested, BS=w.blocksize, NESTED_BS=w.nested_blocksize,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IN_FP32=x.dtype == torch.float32 or _INTERPRET,
+        BLOCK_T=block_t, BLOCK_N=block_n, UNROLL=block_k // w.blocksize, DOT_IN_FP32=x.dtype == torch.float32 or _INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split_k == 1:
