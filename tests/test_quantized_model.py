@@ -279,3 +279,67 @@ def test_bitsandbytes_checkpoints_we_cannot_read_are_clear_errors(bnb_checkpoint
         (other / "config.json").write_text(json.dumps(config))
         with pytest.raises(QuantizationError, match=message):
             load_model(other, torch.float32, "cpu")
+
+
+def _write_fp8_checkpoint(base_path, out, per_tensor: bool, method="compressed-tensors"):
+    """The tiny base as llm-compressor writes an FP8 checkpoint: e4m3 weights with weight_scale per
+    channel (N, 1) or per tensor, a static input_scale, and its quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(base_path / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith("_proj.weight")]:
+        w = tensors[key].float()
+        if per_tensor:
+            scale = (w.abs().max() / 448.0).reshape(1)
+            q = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        else:
+            fp8 = quantize_fp8(w)
+            q, scale = fp8.weight, fp8.scale.reshape(-1, 1)
+        tensors[key] = q
+        tensors[key.removesuffix("weight") + "weight_scale"] = scale.to(torch.bfloat16 if per_tensor else torch.float32)
+        tensors[key.removesuffix("weight") + "input_scale"] = torch.tensor([0.05])
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    config = json.loads((base_path / "config.json").read_text())
+    strategy = "tensor" if per_tensor else "channel"
+    config["quantization_config"] = {
+        "quant_method": method, "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}}}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_an_fp8_compressed_tensors_checkpoint_loads_as_saved(base, tmp_path):
+    hf, path = base
+    channel = load_model(_write_fp8_checkpoint(path, tmp_path / "channel", per_tensor=False), torch.float32, "cpu")
+    at_load = load_model(path, torch.float32, "cpu", quantize="fp8")
+    assert weight_format(channel) == "fp8"
+    ids = torch.randint(0, 128, (9,)).tolist()
+    logits = [_runner(m)[0].run([SequenceChunk(ids, 0, [0, 1, 2])], all_logits=True) for m in (channel, at_load)]
+    assert torch.equal(logits[0], logits[1])  # the same e4m3 values and scales as quantized at load
+    tensor = load_model(_write_fp8_checkpoint(path, tmp_path / "tensor", per_tensor=True), torch.float32, "cpu")
+    w = hf.model.layers[0].self_attn.k_proj.weight.detach().float()
+    scale = torch.tensor(float((w.abs().max() / 448.0).to(torch.bfloat16)))
+    expected = ((w / (w.abs().max() / 448.0)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale)
+    torch.testing.assert_close(tensor.layers[0].self_attn.qkv_proj.dense_weight(1), expected, atol=0, rtol=0)
+
+
+def test_fp8_checkpoints_we_cannot_read_are_clear_errors(base, tmp_path):
+    _, path = base
+    good = _write_fp8_checkpoint(path, tmp_path / "good", per_tensor=False)
+    for change, message in (({"format": "pack-quantized"}, "only float-quantized"),
+                            ({"config_groups": {"g": {"weights": {"num_bits": 8, "type": "float",
+                                                                  "strategy": "block"}}}}, "'block' weight scales"),
+                            ({"config_groups": {"g": {"weights": {"num_bits": 4, "type": "int",
+                                                                  "strategy": "group"}}}}, "only 8-bit float")):
+        other = tmp_path / message.replace(" ", "-").replace("'", "")
+        other.mkdir()
+        config = json.loads((good / "config.json").read_text())
+        config["quantization_config"].update(change)
+        (other / "config.json").write_text(json.dumps(config))
+        with pytest.raises(QuantizationError, match=message):
+            load_model(other, torch.float32, "cpu")
+    with pytest.raises(QuantizationError, match="cannot re-quantize"):
+        load_model(good, torch.float32, "cpu", quantize="nf4")

@@ -28,6 +28,7 @@ WEIGHT_SUFFIXES = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant
 _KEY = re.compile(r"(.+_proj)\.weight(\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map"
                   r"|\.quant_state\.bitsandbytes__\w+)?")
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256)
+IGNORED = ()
 
 
 class BnbCheckpointError(ValueError):
