@@ -47,7 +47,7 @@ LLAMA2_70B = dict(
 def random_quantized_model(shape: dict, quantize: str, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaModel:
     """A random model whose projections are quantized in place on the device, one HF module at a
     time (drawn in `dtype`, quantized as `load_model(..., quantize=...)` would, then freed): a
-    70B-shaped NF4 model is made in ~37 GB without its 140 GB of bf16 ever existing, nor a file."""
+    70B-shaped NF4 model is made in ~36 GB without its 140 GB of bf16 ever existing, nor a file."""
     from server.model.quantized import check_format, fuse, quantize_module
 
     quantize = check_format(quantize)

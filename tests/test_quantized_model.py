@@ -343,3 +343,16 @@ def test_fp8_checkpoints_we_cannot_read_are_clear_errors(base, tmp_path):
             load_model(other, torch.float32, "cpu")
     with pytest.raises(QuantizationError, match="cannot re-quantize"):
         load_model(good, torch.float32, "cpu", quantize="nf4")
+
+
+def test_the_quantize_flag_and_variable():
+    from server.cli import build_parser, serve_settings
+    from server.config import Settings
+
+    args = build_parser().parse_args(["serve", "--quantize", "nf4"])
+    assert serve_settings(args).quantize == "nf4"
+    assert Settings.from_env({"LORAPLEX_QUANTIZE": "fp8"}).quantize == "fp8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--quantize", "int4"])
+    with pytest.raises(ValueError, match="quantize must be nf4, fp8 or none"):
+        Settings.from_env({"LORAPLEX_QUANTIZE": "awq"})

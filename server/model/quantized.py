@@ -4,7 +4,7 @@ modules into one (`quantize_modules`), reading them back dense, and what the wei
 `--quantize nf4` / `fp8` quantizes a bf16 (or fp16/fp32) checkpoint as it is loaded: every HF
 linear (q_proj, k_proj, ...) on its own, as bitsandbytes and transformers do for QLoRA, on the
 model's device, one module at a time, so the dense model never exists in memory whole (a 70B
-bf16 checkpoint loads into ~37 GB of NF4). Embeddings, norms and the LM head stay in the model
+bf16 checkpoint loads into ~36 GB of NF4). Embeddings, norms and the LM head stay in the model
 dtype. The formats and their math are kernels/nf4.py and kernels/fp8.py.
 """
 
