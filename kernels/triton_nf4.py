@@ -11,6 +11,8 @@ Fused (decode; T up to FUSED_MAX_TOKENS rows of x):
             W_hi = NF4[bytes >> 4] * a, W_lo = NF4[bytes & 15] * a   # float32, rounded once to x's dtype
             acc += x[:, 64b::2] @ W_hi + x[:, 64b+1::2] @ W_lo       # fp32 accumulation (tensor cores)
         y = acc (+ b), one cast (split-K: fp32 partial sums, one reduction adds them)
+    one row of x (batch 1): the same loop without tensor cores (GEMV: fp32 multiply-adds into a
+    (32, BLOCK_N) accumulator, summed once at the end), so no operand passes through shared memory
 
 Each weight byte is read once per BLOCK_T rows of x, so a decode step reads the 4-bit weights
 (plus one absmax code per 64 of them) once: the GEMV is bound by those bytes, a quarter of bf16's.
@@ -67,10 +69,13 @@ def _nf4_matmul_kernel(
     stride_xt, stride_yt,
     HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    GEMV: tl.constexpr,
 ):
     """One NF4 block (BS elements of K) at a time, UNROLL of them per loop iteration: each block has
     one absmax per row, a (BLOCK_N,) vector broadcast over its BS/2 bytes, so the tile needs no
-    reshape; the tile is loaded transposed, (bytes, rows), as tl.dot takes it."""
+    reshape; the tile is loaded transposed, (bytes, rows), as tl.dot takes it. GEMV (one row of x a
+    program, BLOCK_T = 1): no tensor cores, whose operands would pass through shared memory, but
+    fp32 multiply-adds into a (BS/2, BLOCK_N) accumulator reduced once at the end."""
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)  # split-K: this program's share of K, partial sums to y[pid_k] (fp32)
@@ -88,7 +93,10 @@ def _nf4_matmul_kernel(
         offset = tl.load(offsets_ptr + s, mask=n_mask, other=0.0)
         group0 = tl.load(group_starts_ptr + s, mask=n_mask, other=0)
         local_base = (offs_n - first_row) * blocks_per_row  # the row's first block within its slice
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    if GEMV:
+        acc2 = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_k + 1) * k_per_split)
     for k0 in range(pid_k * k_per_split, k_end, BS * UNROLL):
         for u in tl.static_range(UNROLL):
@@ -106,18 +114,30 @@ def _nf4_matmul_kernel(
                              mask=k_mask[:, None] & n_mask[None, :], other=0)  # (HALF, BLOCK_N) uint8
             w_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * a[None, :]
             w_lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * a[None, :]
-            x_mask = t_mask[:, None] & k_mask[None, :]
-            x_even = tl.load(x_ptr + offs_t[:, None] * stride_xt + (kb + 2 * offs_j)[None, :], mask=x_mask, other=0.0)
-            x_odd = tl.load(x_ptr + offs_t[:, None] * stride_xt + (kb + 2 * offs_j + 1)[None, :], mask=x_mask,
-                            other=0.0)
-            w_hi = w_hi.to(x_even.dtype)  # bitsandbytes' dequantized weight: one rounding of the fp32 product
-            w_lo = w_lo.to(x_even.dtype)
-            if DOT_IN_FP32:  # fp32 models (no TF32), and the CPU interpreter, whose 16-bit tl.dot is wrong
-                acc += tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32), input_precision="ieee")
-                acc += tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), input_precision="ieee")
+            if GEMV:
+                x_row = x_ptr + pid_t * stride_xt + kb + 2 * offs_j
+                x_even = tl.load(x_row, mask=k_mask, other=0.0)
+                x_odd = tl.load(x_row + 1, mask=k_mask, other=0.0)
+                # bitsandbytes' dequantized weight (one rounding to x's dtype), then fp32 products
+                w_hi = w_hi.to(x_even.dtype).to(tl.float32)
+                w_lo = w_lo.to(x_even.dtype).to(tl.float32)
+                acc2 += x_even.to(tl.float32)[:, None] * w_hi + x_odd.to(tl.float32)[:, None] * w_lo
             else:
-                acc += tl.dot(x_even, w_hi)
-                acc += tl.dot(x_odd, w_lo)
+                x_mask = t_mask[:, None] & k_mask[None, :]
+                x_even = tl.load(x_ptr + offs_t[:, None] * stride_xt + (kb + 2 * offs_j)[None, :], mask=x_mask,
+                                 other=0.0)
+                x_odd = tl.load(x_ptr + offs_t[:, None] * stride_xt + (kb + 2 * offs_j + 1)[None, :], mask=x_mask,
+                                other=0.0)
+                w_hi = w_hi.to(x_even.dtype)  # bitsandbytes' dequantized weight: one rounding of the fp32 product
+                w_lo = w_lo.to(x_even.dtype)
+                if DOT_IN_FP32:  # fp32 models (no TF32), and the CPU interpreter, whose 16-bit tl.dot is wrong
+                    acc += tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32), input_precision="ieee")
+                    acc += tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x_even, w_hi)
+                    acc += tl.dot(x_odd, w_lo)
+    if GEMV:
+        acc = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptr += pid_k * T * stride_yt
@@ -174,19 +194,21 @@ def _num_sms(device_index: int) -> int:
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-               num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int = 3, gemv: bool | None = None) -> torch.Tensor:
     # block_k: elements of K per loop iteration, a multiple of the NF4 block size (UNROLL blocks)
     """The fused kernel: (T, K) x -> (T, N) in x's dtype.
 
     split_k (default: enough programs to fill the device PROGRAMS_PER_SM times over, since a GEMV
     of few output tiles, e.g. N = 4096 in tiles of 32, would leave most SMs idle): programs share K
-    and write fp32 partial sums that one reduction then adds and casts."""
+    and write fp32 partial sums that one reduction then adds and casts. gemv (default: one row of x)
+    runs one row a program without tensor cores."""
     T, K = x.shape
     N = w.shape[0]
     if K != w.shape[1] or x.stride(1) != 1:
         raise ValueError(f"x of shape {tuple(x.shape)} (unit stride in K) does not fit an NF4 weight of {w.shape}")
-    block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
-    block_n = block_n or (32 if T <= 16 else 64)
+    gemv = T == 1 if gemv is None else gemv
+    block_t = 1 if gemv else (16 if T <= 16 else (32 if T <= 32 else 64))
+    block_n = block_n or (64 if gemv else (32 if T <= 16 else 64))
     block_k = block_k or max(w.blocksize, 256)
     if block_k % w.blocksize:
         raise ValueError(f"block_k {block_k} is not a multiple of the NF4 block size {w.blocksize}")
@@ -208,7 +230,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
         T, N, K, row1, row2, k_per_split, x.stride(0), target.stride(-2),
         HAS_BIAS=bias is not None and split_k == 1, NESTED=w.nested, BS=w.blocksize, NESTED_BS=w.nested_blocksize,
         BLOCK_T=block_t, BLOCK_N=block_n, UNROLL=block_k // w.blocksize, DOT_IN_FP32=x.dtype == torch.float32 or _INTERPRET,
-        num_warps=num_warps, num_stages=num_stages,
+        GEMV=gemv, num_warps=num_warps, num_stages=num_stages,
     )
     if split_k == 1:
         return target

@@ -93,6 +93,18 @@ def test_split_k_partial_sums(split_k):
     torch.testing.assert_close(got, x @ dequantize_nf4(w).T + b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_path_row_by_row(dtype):
+    """The GEMV variant (one row of x a program, fp32 multiply-adds; the default at one row) over
+    three rows of a fused, nested weight with a bias."""
+    w = make_weight((64, 32, 32), 192, dtype, seed=21)
+    x = torch.randn(3, 192, device=DEVICE).to(dtype)
+    b = torch.randn(128, device=DEVICE).to(dtype)
+    expected = x.float() @ dequantize_nf4(w, dtype).float().T + b.float()
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(nf4_matmul(x, w, b, gemv=True).float(), expected, rtol=rtol, atol=atol)
+
+
 def test_long_batches_take_the_dequantize_path():
     w = make_weight((32,), 128, torch.float32, seed=9)
     x = torch.randn(FUSED_MAX_TOKENS + 3, 128, device=DEVICE)
