@@ -4,8 +4,8 @@
     forward:   per token t, sx[t] = max_k |x[t, k]| / 448;  xq[t] = e4m3(x[t] / sx[t])  (dynamic)
                y[t, n] = sx[t] * s[n] * sum_k xq[t, k] Wq[n, k]  (+ b[n]), fp32 sums, one cast
 
-On a CUDA device of compute capability 8.9 or more (Hopper: H100/H200) the product runs on the
-FP8 tensor cores through `torch._scaled_mm` with row-wise scales; elsewhere `fp8_linear_reference`
+On a CUDA device of compute capability 8.9 or more (Hopper: H100/H200), for a bf16 model, the
+product runs on the FP8 tensor cores through `torch._scaled_mm` with row-wise scales; elsewhere `fp8_linear_reference`
 computes the same quantities in float32 (the CPU path and the test oracle). Per-channel scales
 act row by row, so fused projections are their modules' rows side by side (`FP8Weight.cat`).
 """
@@ -79,7 +79,8 @@ def fp8_linear_reference(x: torch.Tensor, w: FP8Weight, bias: torch.Tensor | Non
 
 def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """On FP8 tensor cores where there are some (torch._scaled_mm, row-wise scales), else the reference."""
-    if not (x.is_cuda and has_fp8_tensor_cores(x.device.index or 0)):
+    # row-wise scaled _scaled_mm writes bf16 only: other model dtypes take the reference
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and has_fp8_tensor_cores(x.device.index or 0)):
         return fp8_linear_reference(x, w, bias)
     xq, sx = quantize_activations(x)
     y = torch._scaled_mm(xq, w.weight.t(), scale_a=sx, scale_b=w.scale[None, :], out_dtype=x.dtype)
