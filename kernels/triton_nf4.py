@@ -146,6 +146,20 @@ def _nf4_matmul_kernel(
 
 
 @triton.jit
+def _split_k_reduce_kernel(partial_ptr, bias_ptr, y_ptr, numel, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """y = sum over the splits of the fp32 partial sums (+ bias), one cast: one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(SPLIT_K):
+        acc += tl.load(partial_ptr + k * numel + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _nf4_dequantize_kernel(
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, code_ptr, out_ptr,
     N, K, row1, row2,
@@ -234,12 +248,11 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
     )
     if split_k == 1:
         return target
-    total = target.sum(dim=0)
-    if bias is not None:
-        total += bias.float()
-    if out is None:
-        return total.to(x.dtype)
-    return out.copy_(total)
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
+    numel, block = T * N, 1024
+    _split_k_reduce_kernel[(triton.cdiv(numel, block),)](target, bias if bias is not None else target, out, numel, N,
+                                                         SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block)
+    return out
 
 
 def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
