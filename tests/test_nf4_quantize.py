@@ -18,12 +18,17 @@ The dynamic map itself is compared with bitsandbytes' create_dynamic_map, the co
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 
 from kernels.nf4 import (NF4_CODE, NF4FormatError, NF4Weight, dequantize_absmax, dequantize_nf4, dynamic_map,
                          nf4_linear_reference, quantize_nf4)
 
+if not torch.cuda.is_available():
+    # bitsandbytes imports triton: Triton's own library functions are defined then, interpreted or
+    # not, so the CPU interpreter must be chosen before (as the kernel test modules do)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the reference (dev extra)")
 
 SHAPES = [(64, 128), (300, 576), (1000, 192), (7, 64 * 513), (96, 1536)]  # 1536 = SmolLM2's intermediate

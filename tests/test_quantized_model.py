@@ -17,6 +17,7 @@ from transformers' modules, and close to the dense model (the quantization error
 
 from __future__ import annotations
 
+import os
 import copy
 import json
 
@@ -34,6 +35,10 @@ from server.model.quantized import QuantizationError, weight_bytes, weight_forma
 from server.model.runner import ModelRunner, SequenceChunk
 from tests.peft_helpers import make_peft_model, save_adapter
 
+if not torch.cuda.is_available():
+    # bitsandbytes imports triton: Triton's own library functions are defined then, interpreted or
+    # not, so the CPU interpreter must be chosen before (as the kernel test modules do)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the reference (dev extra)")
 
 ATOL = 5e-5
