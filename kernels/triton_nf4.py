@@ -43,26 +43,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, rows, blocks, n_mask, k_mask,
-                  row1, row2, blocks_per_row, NESTED: tl.constexpr, NESTED_BS: tl.constexpr):
-    """float32 absmax of the blocks (rows[:, None], blocks[None, :]) (global block index within a row)."""
-    index = rows[:, None] * blocks_per_row + blocks[None, :]
-    mask = n_mask[:, None] & k_mask[None, :]
-    if NESTED:
-        q = tl.load(absmax_ptr + index, mask=mask, other=0).to(tl.int32)
-        # the slice of each row: its own offset and absmax2 groups
-        s = (rows >= row1).to(tl.int32) + (rows >= row2).to(tl.int32)
-        first_row = tl.where(s == 0, 0, tl.where(s == 1, row1, row2))
-        offset = tl.load(offsets_ptr + s, mask=n_mask, other=0.0)
-        group0 = tl.load(group_starts_ptr + s, mask=n_mask, other=0)
-        local = index - (first_row * blocks_per_row)[:, None]
-        group = group0[:, None] + local // NESTED_BS
-        a2 = tl.load(absmax2_ptr + group, mask=mask, other=0.0)
-        return tl.load(code2_ptr + q) * a2 + offset[:, None]
-    return tl.load(absmax_ptr + index, mask=mask, other=0.0)
-
-
-@triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, code_ptr, bias_ptr, y_ptr,
     T, N, K, row1, row2, k_per_split,
@@ -163,28 +143,37 @@ def _split_k_reduce_kernel(partial_ptr, bias_ptr, y_ptr, numel, N, SPLIT_K: tl.c
 def _nf4_dequantize_kernel(
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, code_ptr, out_ptr,
     N, K, row1, row2,
-    NESTED: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NESTED: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """out[n, k] = NF4[q[n, k]] * absmax(n, k // BS), in out's dtype: one (BLOCK_N, BLOCK_K) tile a program."""
+    """out[n, k] = NF4[q[n, k]] * absmax(n, k // BS), in out's dtype: BLOCK_N rows by UNROLL blocks a program,
+    each block's absmax one value per row (as in the fused kernel)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    HALF: tl.constexpr = BLOCK_K // 2
-    BLOCKS: tl.constexpr = BLOCK_K // BS
+    HALF: tl.constexpr = BS // 2
     offs_j = tl.arange(0, HALF)
     n_mask = offs_n < N
-    j_mask = (k0 // 2 + offs_j) < K // 2
-    mask = n_mask[:, None] & j_mask[None, :]
-    packed = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + offs_j)[None, :], mask=mask, other=0)
-    blocks = k0 // BS + tl.arange(0, BLOCKS)
-    a = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offsets_ptr, group_starts_ptr, offs_n, blocks, n_mask,
-                      blocks < K // BS, row1, row2, K // BS, NESTED, NESTED_BS)[:, :, None]
-    hi = tl.reshape(tl.reshape(tl.load(code_ptr + (packed >> 4).to(tl.int32)), (BLOCK_N, BLOCKS, BS // 2)) * a,
-                    (BLOCK_N, HALF))
-    lo = tl.reshape(tl.reshape(tl.load(code_ptr + (packed & 0xF).to(tl.int32)), (BLOCK_N, BLOCKS, BS // 2)) * a,
-                    (BLOCK_N, HALF))
-    out = out_ptr + offs_n[:, None] * K + (k0 + 2 * offs_j)[None, :]
-    tl.store(out, hi.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + 1, lo.to(out_ptr.dtype.element_ty), mask=mask)
+    blocks_per_row = K // BS
+    if NESTED:
+        s = (offs_n >= row1).to(tl.int32) + (offs_n >= row2).to(tl.int32)
+        first_row = tl.where(s == 0, 0, tl.where(s == 1, row1, row2))
+        offset = tl.load(offsets_ptr + s, mask=n_mask, other=0.0)
+        group0 = tl.load(group_starts_ptr + s, mask=n_mask, other=0)
+        local_base = (offs_n - first_row) * blocks_per_row
+    for u in tl.static_range(UNROLL):
+        block = tl.program_id(1) * UNROLL + u
+        row_mask = n_mask & ((offs_n * 0 + block) < blocks_per_row)
+        if NESTED:
+            q = tl.load(absmax_ptr + offs_n * blocks_per_row + block, mask=row_mask, other=0).to(tl.int32)
+            a2 = tl.load(absmax2_ptr + group0 + (local_base + block) // NESTED_BS, mask=row_mask, other=0.0)
+            a = tl.load(code2_ptr + q) * a2 + offset
+        else:
+            a = tl.load(absmax_ptr + offs_n * blocks_per_row + block, mask=row_mask, other=0.0)
+        mask = row_mask[:, None] & (offs_j < HALF)[None, :]
+        packed = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + (block * HALF + offs_j)[None, :], mask=mask, other=0)
+        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * a[:, None]
+        lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * a[:, None]
+        out = out_ptr + offs_n[:, None] * K + (block * BS + 2 * offs_j)[None, :]
+        tl.store(out, hi.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + 1, lo.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _slice_args(w: NF4Weight):
@@ -195,10 +184,6 @@ def _slice_args(w: NF4Weight):
     if w.nested:
         return (w.absmax, w.absmax2, w.code2, w.offsets, w.group_starts), bounds[0], bounds[1]
     return (w.absmax, w.absmax, w.code, w.code, w.code), bounds[0], bounds[1]  # unread stand-ins
-
-
-def _tile_k(w: NF4Weight) -> int:
-    return max(w.blocksize, 128)
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,10 +245,10 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = 
     N, K = w.shape
     out = torch.empty(N, K, dtype=dtype, device=w.device) if out is None else out
     stats, row1, row2 = _slice_args(w)
-    block_n, block_k = 32, _tile_k(w)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    block_n, unroll = 32, 4
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K // w.blocksize, unroll))
     _nf4_dequantize_kernel[grid](w.packed, *stats, w.code, out, N, K, row1, row2, NESTED=w.nested,
-                                 BS=w.blocksize, NESTED_BS=w.nested_blocksize, BLOCK_N=block_n, BLOCK_K=block_k)
+                                 BS=w.blocksize, NESTED_BS=w.nested_blocksize, BLOCK_N=block_n, UNROLL=unroll)
     return out
 
 
