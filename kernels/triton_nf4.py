@@ -21,7 +21,10 @@ dequantize-then-matmul up to the order of the fp32 sums. A block's absmax is one
 broadcast over its bytes. Which slice (q, k or v of a fused projection) a row belongs to picks its
 nested offset and absmax2 groups: up to MAX_SLICES slices.
 
-No host syncs, no allocation but the output: CUDA-graph capturable.
+Both kernels launch with enable_fp_fusion=False: a nested absmax is code2[q] * absmax2[g] + offset
+rounded twice, as bitsandbytes (and torch) compute it; a fused multiply-add would round once and
+could move a dequantized weight by an ulp. No host syncs, no allocation but the output (and split-K's
+partial sums): CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -229,7 +232,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
         T, N, K, row1, row2, k_per_split, x.stride(0), target.stride(-2),
         HAS_BIAS=bias is not None and split_k == 1, NESTED=w.nested, BS=w.blocksize, NESTED_BS=w.nested_blocksize,
         BLOCK_T=block_t, BLOCK_N=block_n, UNROLL=block_k // w.blocksize, DOT_IN_FP32=x.dtype == torch.float32 or _INTERPRET,
-        GEMV=gemv, num_warps=num_warps, num_stages=num_stages,
+        GEMV=gemv, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False,
     )
     if split_k == 1:
         return target
@@ -248,7 +251,8 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = 
     block_n, unroll = 32, 4
     grid = (triton.cdiv(N, block_n), triton.cdiv(K // w.blocksize, unroll))
     _nf4_dequantize_kernel[grid](w.packed, *stats, w.code, out, N, K, row1, row2, NESTED=w.nested,
-                                 BS=w.blocksize, NESTED_BS=w.nested_blocksize, BLOCK_N=block_n, UNROLL=unroll)
+                                 BS=w.blocksize, NESTED_BS=w.nested_blocksize, BLOCK_N=block_n, UNROLL=unroll,
+                                 enable_fp_fusion=False)
     return out
 
 
