@@ -16,11 +16,17 @@ The model's elementwise ops dispatch the same way: `rms_norm` (with the residual
 write in one launch), each a Triton kernel beside its reference in `triton_norm.py`,
 `triton_activation.py` and `triton_rope.py`; so does `dora_scale`, DoRA's per-channel
 output factor after the LoRA delta (`triton_dora.py`).
+
+Quantized base weights: `quantized_linear(x, w, bias)` is the shared `x W^T (+ b)` of a projection
+whose weight is NF4 (`nf4.py`: the format and its reference; `triton_nf4.py`: the fused
+dequantize-matmul on CUDA) or FP8 (`fp8.py`: `torch._scaled_mm` on Hopper, the reference elsewhere).
 """
 
 from __future__ import annotations
 
 import functools
+
+import torch
 
 from kernels.lora_reference import lora_expand_reference, lora_shrink_reference
 from kernels.metadata import LoRABatchMeta
@@ -72,6 +78,23 @@ def dora_scale(y, bias, factors, dora_slots, meta):
     from kernels.triton_dora import dora_scale_reference
 
     return dora_scale_reference(y, bias, factors, dora_slots, meta.token_slots)
+
+
+def quantized_linear(x, w, bias=None):
+    """y = x W^T (+ bias) for W an NF4Weight or FP8Weight, in x's dtype."""
+    from kernels.fp8 import FP8Weight, fp8_linear
+
+    if isinstance(w, FP8Weight):
+        return fp8_linear(x, w, bias)
+    if x.is_cuda and _triton_ops() is not None:
+        from kernels.triton_nf4 import nf4_linear
+
+        return nf4_linear(x, w, bias)
+    from kernels.nf4 import dense_cached
+
+    # the CPU path (tests; no accelerator) keeps the dequantized weight once made: it is for
+    # correctness, and dequantizing 4 x layers weights per step made a SmolLM2 step 10x slower
+    return torch.nn.functional.linear(x, dense_cached(w, x.dtype), bias)
 
 
 def write_kv(k_cache, v_cache, slot_mapping, k, v):
@@ -148,5 +171,5 @@ def apply_rope_qk(q, k, positions, inv_freq, cos_sin=None):
     return apply_rope_qk_reference(q, k, positions, inv_freq, cos_sin)
 
 
-__all__ = ["LoRABatchMeta", "lora_apply", "dora_scale", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
+__all__ = ["LoRABatchMeta", "lora_apply", "quantized_linear", "dora_scale", "lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference",
            "paged_attention", "write_kv", "rms_norm", "silu_and_mul", "apply_rope_qk", "apply_rope_and_write_kv"]

@@ -8,6 +8,9 @@
 #   bash loadtest/gpu_session.sh peft      # loraplex vs HF transformers/peft (vs_peft_h200.json), issue 11
 #   bash loadtest/gpu_session.sh scale     # 1..2000 adapters, S-LoRA workload (adapter_scale_h200.json), issue 11
 #   bash loadtest/gpu_session.sh upload    # 100 customers uploaded under traffic (upload_under_load_h200.json)
+#   bash loadtest/gpu_session.sh quantized 7b    # NF4/FP8 bases (issue 15): the 7B in bf16, nf4 and fp8 (~5 min)
+#   bash loadtest/gpu_session.sh quantized 70b   # the 70B shape in nf4 (< 10 min), quantized_bench_llama2-70b_h200.json
+#   bash loadtest/gpu_session.sh quantized kernels   # each projection's x W^T alone, and the fused kernel's tuning
 #
 # peft and scale leave their checkpoint in /tmp/bench; upload serves it when it is there.
 #
@@ -25,7 +28,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-mode=${1:?tests, micro, dora, serving, peft, scale or upload}
+mode=${1:?tests, micro, dora, serving, peft, scale, upload or quantized}
 shift
 
 case "$mode" in
@@ -33,10 +36,11 @@ case "$mode" in
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
     # the KV write and fused elementwise tests are not marked gpu: the CPU interpreter in CI, CUDA here
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kv_write.py tests/test_fused_elementwise.py \
-      tests/test_dora_kernel.py 2>&1 | tee "$OUT/gpu_tests.log"
+      tests/test_dora_kernel.py tests/test_nf4_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
     timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
       tests/test_paged_attention_gpu.py tests/test_fused_elementwise_gpu.py tests/test_engine_gpu.py tests/test_lora_forward_gpu.py \
-      tests/test_lora_kernels_gpu.py tests/test_dora_gpu.py -k "not sweep" "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
+      tests/test_lora_kernels_gpu.py tests/test_dora_gpu.py tests/test_quantized_gpu.py -k "not sweep" "$@" 2>&1 \
+      | tee -a "$OUT/gpu_tests.log"
     ;;
   dora)
     timeout 400 python3 loadtest/bench_engine_lora.py --dora --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_engine_dora.log"
@@ -44,6 +48,21 @@ case "$mode" in
   micro)
     timeout 150 python3 loadtest/bench_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log"
     timeout 300 python3 loadtest/bench_engine_lora.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_engine.log"
+    ;;
+  quantized)
+    # one part per command of the device tool: each stays under its 10 minutes
+    part=${1:?7b, 70b or kernels}
+    if [ "$part" = 7b ]; then
+      timeout 400 python3 loadtest/bench_quantized.py --shape llama2-7b --formats bf16,nf4,fp8 --out "$OUT" 2>&1 \
+        | tee "$OUT/bench_quantized_7b.log"
+    fi
+    if [ "$part" = 70b ]; then
+      timeout 560 python3 loadtest/bench_quantized.py --shape llama2-70b --formats nf4 --out "$OUT" 2>&1 \
+        | tee "$OUT/bench_quantized_70b.log"
+    fi
+    if [ "$part" = kernels ]; then
+      timeout 560 python3 loadtest/bench_quantized.py --kernels --tune --out "$OUT" 2>&1 | tee "$OUT/bench_quantized_kernels.log"
+    fi
     ;;
   serving)
     timeout 590 python3 loadtest/bench_serving.py --out "$OUT" --tokenizer .bench/tokenizer "$@" 2>&1 \
@@ -62,7 +81,7 @@ case "$mode" in
       | tee "$OUT/bench_upload_under_load.log"
     ;;
   *)
-    echo "unknown mode $mode: tests, micro, dora, serving, peft, scale or upload" >&2
+    echo "unknown mode $mode: tests, micro, dora, serving, peft, scale, upload or quantized" >&2
     exit 2
     ;;
 esac

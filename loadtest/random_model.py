@@ -37,6 +37,41 @@ def random_model(shape: dict, dtype: torch.dtype, device: str, seed: int = 0) ->
     return model.eval()
 
 
+LLAMA2_70B = dict(
+    architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+    num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+    max_position_embeddings=4096, rope_theta=10000.0,
+)
+
+
+def random_quantized_model(shape: dict, quantize: str, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaModel:
+    """A random model whose projections are quantized in place on the device, one HF module at a
+    time (drawn in `dtype`, quantized as `load_model(..., quantize=...)` would, then freed): a
+    70B-shaped NF4 model is made in ~36 GB without its 140 GB of bf16 ever existing, nor a file."""
+    from server.model.quantized import check_format, fuse, quantize_module
+
+    quantize = check_format(quantize)
+    cfg = ModelConfig.from_hf_dict(shape)
+    with torch.device("meta"):
+        model = LlamaModel(cfg).to(dtype)
+    for _, _, proj in model.projections():
+        proj.weight = None
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+        for _, _, proj in model.projections():
+            parts = []
+            for rows in proj.out_sizes:
+                dense = torch.empty(rows, proj.in_features, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+                parts.append(quantize_module(dense, quantize))
+                del dense
+            proj.quantized = fuse(parts)
+    model.reset_rope()
+    return model.eval()
+
+
 def random_adapter(
     cfg: ModelConfig, rank: int, modules: tuple[str, ...], seed: int, device="cpu", dtype=torch.bfloat16, b_std: float = 0.01,
     dora: bool = False,

@@ -13,6 +13,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="where prepared models and adapters live (default ~/.cache/loraplex)")
 
 
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["nf4", "fp8", "none"],
+                   help="quantize the base model's projection weights as they load: nf4 (QLoRA's 4-bit NormalFloat, "
+                        "bitsandbytes' layout) or fp8 (e4m3, per-channel scales; tensor cores on Hopper); default none")
+
+
 def _settings(args: argparse.Namespace, **extra) -> Settings:
     return Settings.from_env(model=args.model, home=args.home, **extra)
 
@@ -34,7 +40,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, SamplingParams
 
-    settings = _settings(args, device=args.device)
+    settings = _settings(args, device=args.device, quantize=args.quantize)
     engine = Engine.from_settings(settings)
     adapters = {}
     if args.adapter:
@@ -74,6 +80,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 8000)")
     p.add_argument("--device", help="auto | cpu | cuda[:N] (default auto: the GPU when there is one)")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    _add_quantize(p)
     p.add_argument("--served-model-name", help="the base model's id in the API (default: its directory name)")
     p.add_argument("--adapter-store", help="adapter store directory (default <home>/adapters)")
     p.add_argument("--adapter-store-shared", action="store_const", const=True,
@@ -116,7 +123,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-SERVE_SETTINGS = ("host", "port", "device", "dtype", "served_model_name", "adapter_store", "api_keys_file",
+SERVE_SETTINGS = ("host", "port", "device", "dtype", "quantize", "served_model_name", "adapter_store", "api_keys_file",
                   "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                   "num_kv_blocks", "host_cache_bytes", "max_upload_bytes", "enforce_eager",
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
@@ -171,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    _add_quantize(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="merge a PEFT LoRA/DoRA adapter into the base model: a plain checkpoint "

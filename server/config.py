@@ -58,6 +58,9 @@ class Settings:
     model: str | None = None  # LORAPLEX_MODEL: checkpoint dir or .gguf; None = embedded SmolLM2
     device: str = "auto"  # LORAPLEX_DEVICE: auto | cpu | cuda[:N]
     dtype: str = "auto"  # LORAPLEX_DTYPE: auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    # LORAPLEX_QUANTIZE: "" (none) | nf4 | fp8: the base model's projection weights, quantized as they load
+    # (server/model/quantized.py); adapters, embeddings, norms and the LM head stay in `dtype`
+    quantize: str = ""
     max_lora_rank: int = 64  # LORAPLEX_MAX_LORA_RANK
     max_loras: int = 0  # LORAPLEX_MAX_LORAS: adapter slots on the device; 0 = auto (8 on CPU, by memory on GPU)
     lora_memory_fraction: float = 0.2  # LORAPLEX_LORA_MEMORY_FRACTION: share of GPU memory for adapter slots when max_loras is auto
@@ -154,6 +157,8 @@ class Settings:
             raise ValueError("drain_seconds must be >= 0")
         if self.blas_library not in {"auto", "cublas", "cublaslt"}:
             raise ValueError(f"blas_library must be auto, cublas or cublaslt, not {self.blas_library!r}")
+        if self.quantize not in {"", "none", "nf4", "fp8"}:
+            raise ValueError(f"quantize must be nf4, fp8 or none, not {self.quantize!r}")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not 0 <= self.port <= 65535:

@@ -54,6 +54,7 @@ class EngineSnapshot:
     running_adapters: list[str]  # customer ids of the adapters in device slots
     waiting_adapters: list[str]  # customer ids of waiting requests whose adapter is not in a slot
     cache: Any = None  # server.lora.cache.CacheStats (duck-typed: no torch import here)
+    memory: dict | None = None  # server.model.quantized.device_memory: weight format and bytes, KV cache, adapter pool
 
 
 class Metrics:
@@ -196,6 +197,8 @@ class _EngineCollector:
         yield _counter("loraplex_engine_steps", "Engine steps run", s.num_steps)
         if s.cache is not None:
             yield from _cache_metrics(s.cache)
+        if s.memory is not None:
+            yield from _memory_metrics(s.memory)
 
 
 def _cache_metrics(stats):
@@ -230,6 +233,15 @@ def _cache_metrics(stats):
     yield _gauge("loraplex_adapter_loads_in_flight", "Adapter loads running now", stats.loading)
     yield _gauge("loraplex_adapters_pinned", "Adapters pinned in device slots by the requests running now "
                  "(a pinned adapter is never evicted)", stats.pinned)
+
+
+def _memory_metrics(memory: dict):
+    weights = GaugeMetricFamily("loraplex_model_weight_bytes", "Bytes of the base model's weights on the device, "
+                                "labelled with their format (bf16, fp16, fp32; nf4, fp8: --quantize)", labels=["format"])
+    weights.add_metric([memory["weight_format"]], memory["weight_bytes"])
+    yield weights
+    yield _gauge("loraplex_kv_cache_bytes", "Bytes of the paged KV cache on the device", memory["kv_cache_bytes"])
+    yield _gauge("loraplex_adapter_pool_bytes", "Bytes of the device's adapter slot pool", memory["adapter_pool_bytes"])
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -47,6 +47,7 @@ from server.lora.store import AdapterNotFound, AdapterRecord, AdapterStore, chec
 from server.metrics import EngineSnapshot, Metrics
 from server.model.config import ModelConfig
 from server.model.prepare import prepare_model
+from server.model.quantized import describe_memory, device_memory
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class Service:
             settings.max_queued_requests, settings.max_queued_requests_per_tenant, settings.max_requests_per_tenant,
             settings.max_queued_tokens, settings.max_queued_tokens_per_tenant))
         self._in_flight: Counter[AdapterKey] = Counter()
+        self._memory: dict | None = None
         self._lock = threading.Lock()  # orders version resolution against retirement of versions
         self.sweeper: StoreSweeper | None = None
         if store.shared_retention_s is not None:
@@ -139,8 +141,20 @@ class Service:
         service.loop.start()
         if service.sweeper is not None:
             service.sweeper.start()
-        log.info("serving %s on %s (%s)", model.name, model.device, model.dtype)
+        limits = engine.limits
+        log.info("serving %s on %s (%s); %s", model.name, model.device, model.dtype,
+                 describe_memory(service.memory, limits.num_kv_blocks * limits.kv_block_size, limits.lora_pages))
         return service
+
+    @property
+    def memory(self) -> dict | None:
+        """Bytes the device holds: weights (and their format), KV cache, adapter pool."""
+        if self._memory is None:
+            engine = self.engine
+            if not all(hasattr(engine, name) for name in ("model", "kv_cache", "pool")):
+                return None  # a stand-in engine (tests, loadtest/bench_http_side.py)
+            self._memory = device_memory(engine.model, engine.kv_cache, engine.pool)
+        return self._memory
 
     def stop(self) -> None:
         if self.sweeper is not None:
@@ -375,5 +389,5 @@ class Service:
             num_running=len(scheduler.running), num_waiting=scheduler.num_waiting,
             kv_cache_usage=engine.blocks.usage_ratio, num_preemptions=engine.num_preemptions,
             num_steps=self.loop.num_steps, max_loras=limit, running_adapters=running[:limit],
-            waiting_adapters=waiting, cache=self.cache.stats(),
+            waiting_adapters=waiting, cache=self.cache.stats(), memory=self.memory,
         )

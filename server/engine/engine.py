@@ -128,7 +128,7 @@ class Engine:
     def from_dir(cls, model_dir: str | Path, settings: Settings, make_adapters=None) -> "Engine":
         """Load a prepared checkpoint directory onto the settings' device and dtype."""
         device, dtype = resolve_device_dtype(settings.device, settings.dtype)
-        model = load_model(model_dir, dtype, device)
+        model = load_model(model_dir, dtype, device, quantize=settings.quantize or None)
         return cls(model, AutoTokenizer.from_pretrained(model_dir), settings, make_adapters)
 
     @classmethod
@@ -376,7 +376,7 @@ def _auto_lora_slots(settings: Settings, model: LlamaModel, device: torch.device
     if device.type != "cuda":
         return 8
     per_slot = sum(
-        settings.max_lora_rank * (proj.weight.shape[1] * len(proj.out_sizes) + sum(proj.out_sizes))
+        settings.max_lora_rank * (proj.in_features * len(proj.out_sizes) + sum(proj.out_sizes))
         for _, _, proj in model.projections()
     ) * model.embed_tokens.weight.element_size()
     # DoRA factors: a float32 per output channel for each of the adapter's pages

@@ -108,17 +108,17 @@ class AdapterPool:
         self._dora_factors = torch.ones(num_pages, sum(widths), dtype=torch.float32, device=self.device)
         self._dora_slots = torch.zeros(num_pages, dtype=torch.int32, device=self.device)
         self._dora_columns = {}  # (layer, projection) -> first column in _dora_factors
-        self._weights = {}  # (layer, projection) -> (base weight (out, in), slice row offsets, slice widths)
+        self._weights = {}  # (layer, projection) -> (the projection, slice row offsets, slice widths)
         column = 0
         for (layer, name, proj), width in zip(projections, widths):
             self._dora_columns[(layer, name)] = column
             offsets = [sum(proj.out_sizes[:i]) for i in range(len(proj.out_sizes))]
-            self._weights[(layer, name)] = (proj.weight, offsets, proj.out_sizes)
+            self._weights[(layer, name)] = (proj, offsets, proj.out_sizes)
             column += width
         members: dict[tuple[str, int], list[tuple[int, str]]] = {}
         for layer, name, proj in projections:
             for module, out_features in zip(PROJECTION_SLICES[name], proj.out_sizes):
-                members.setdefault(("a", proj.weight.shape[1]), []).append((layer, module))
+                members.setdefault(("a", proj.in_features), []).append((layer, module))
                 members.setdefault(("b", out_features), []).append((layer, module))
         self._groups = {key: torch.zeros(len(m), self._member_rows, key[1], dtype=self.dtype, device=self.device)
                         for key, m in members.items()}
@@ -227,12 +227,12 @@ class AdapterPool:
         factors = self._dora_factors[slot]
         factors.fill_(1.0)
         for layer, name, i, offset, rank, scale in plan.dora_modules:
-            weight, row_offsets, out_sizes = self._weights[(layer, name)]
+            proj, row_offsets, out_sizes = self._weights[(layer, name)]
             rows, width = row_offsets[i], out_sizes[i]
             lora = self._slots[(layer, name)]
             column = self._dora_columns[(layer, name)] + rows
-            factors[column : column + width] = dora_factor(
-                weight[rows : rows + width], lora.lora_a[i][slot, :rank], lora.lora_b[i][slot, :, :rank], scale,
+            factors[column : column + width] = dora_factor(  # a quantized base: its dequantized weight, as peft's
+                proj.dense_weight(i), lora.lora_a[i][slot, :rank], lora.lora_b[i][slot, :, :rank], scale,
                 magnitudes[offset : offset + width])
         self._dora_slots[slot] = 1
 

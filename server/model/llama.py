@@ -47,18 +47,36 @@ DORA = "dora"
 
 class Projection(nn.Module):
     """A (fused) linear: `x W^T (+ b)` for the whole batch, then each token's own LoRA delta,
-    unless the step's metadata says no adapter in the batch targets this projection."""
+    unless the step's metadata says no adapter in the batch targets this projection.
+
+    The base weight is a dense parameter, or a quantized one (`quantized`: kernels.nf4.NF4Weight or
+    kernels.fp8.FP8Weight, set by server/model/quantized.py, `weight` then None); the LoRA delta
+    is added in the model dtype either way."""
 
     def __init__(self, name: str, in_features: int, out_sizes: tuple[int, ...], bias: bool):
         super().__init__()
         self.name = name
+        self.in_features = in_features
         self.out_sizes = out_sizes
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
+        self.quantized = None
         self.lora: LoRASlots | None = None
 
+    def dense_weight(self, i: int) -> torch.Tensor:
+        """Slice i's weight (out_i, in) in the model dtype: a view, or dequantized (a new tensor)."""
+        start = sum(self.out_sizes[:i])
+        if self.quantized is None:
+            return self.weight[start : start + self.out_sizes[i]]
+        from server.model.quantized import dequantize_rows
+
+        return dequantize_rows(self.quantized, start, start + self.out_sizes[i])
+
     def forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.quantized is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = kernels.quantized_linear(x, self.quantized, self.bias)
         if (self.lora is not None and lora_meta is not None and lora_meta.has_lora
                 and (lora_meta.projections is None or self.name in lora_meta.projections)):
             lora = self.lora

@@ -2,6 +2,12 @@
 
 Hugging Face's separate q/k/v and gate/up weights are concatenated into our fused
 projections as they are read; every expected tensor must be present and fit exactly.
+With `quantize` ("nf4", "fp8"), each projection module is quantized on the device as it is read
+(server/model/quantized.py) and the dense projection weights are never allocated. A checkpoint
+that transformers saved with a bitsandbytes 4-bit NF4 config is read as it is, NF4 codes and
+statistics unchanged (server/model/bnb_checkpoint.py), and so is an FP8 checkpoint in the
+compressed-tensors or fbgemm_fp8 layout (server/model/fp8_checkpoint.py); any other quantized
+checkpoint (`quantization_config` in its config.json) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from server.model import bnb_checkpoint, fp8_checkpoint
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
+from server.model.quantized import QuantizationError, check_format, fuse, quantize_module
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF sub-module -> (our projection, index of the slice it fills)
@@ -42,31 +50,117 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> LlamaModel:
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, quantize: str | None = None
+               ) -> LlamaModel:
     path = Path(path)
+    quantize = check_format(quantize)
+    saved = saved_format(path)
+    if saved is not None:
+        if quantize not in (None, saved):
+            raise QuantizationError(f"{path} holds {saved.upper()} weights: --quantize {quantize} cannot "
+                                    f"re-quantize them; serve it without --quantize (or with {saved})")
+        return _load(path, dtype, device, saved, prequantized=True)
+    return _load(path, dtype, device, quantize, prequantized=False)
+
+
+def _load(path: Path, dtype: torch.dtype, device, quantize: str | None, prequantized: bool) -> LlamaModel:
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = LlamaModel(cfg).to(dtype)
+    projections = {f"layers.{i}.{'self_attn' if name in ('qkv_proj', 'o_proj') else 'mlp'}.{name}": proj
+                   for i, name, proj in model.projections()}
+    if quantize:
+        for proj in projections.values():
+            proj.weight = None  # never allocated: filled module by module with quantized weights
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}  # elements written per parameter
+    pending: dict[str, dict[int, object]] = {}  # quantized projection -> its modules read so far, by row offset
+    saved: dict[str, dict[str, torch.Tensor]] = {}  # a quantized checkpoint: HF module -> its tensors read so far
+    reader = (bnb_checkpoint if quantize == "nf4" else fp8_checkpoint) if prequantized else None
+    convert = bnb_checkpoint.to_nf4 if quantize == "nf4" else fp8_checkpoint.to_fp8
+
+    def add_module(key: str, quantized_module) -> None:
+        name, row_offset, _ = _target(key, cfg)
+        module = name.removesuffix(".weight")
+        proj = projections[module]
+        parts = pending.setdefault(module, {})
+        parts[row_offset] = quantized_module
+        if len(parts) == len(proj.out_sizes):
+            proj.quantized = fuse([parts[offset] for offset in sorted(parts)])
+            del pending[module]
+
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
+                split = reader.split_key(key) if prequantized else None
+                if split is not None:
+                    hf_module, suffix = split
+                    if suffix in reader.IGNORED:
+                        continue
+                    target = _target(f"{hf_module}.weight", cfg)
+                    if target is None or target[0].removesuffix(".weight") not in projections:
+                        raise CheckpointError(f"unexpected quantized tensor {key!r} in {file.name}")
+                    saved.setdefault(hf_module, {})[suffix] = f.get_tensor(key)
+                    if reader.complete(saved[hf_module]):
+                        name, _, rows = target
+                        proj = projections[name.removesuffix(".weight")]
+                        shape = (rows or sum(proj.out_sizes), proj.in_features)
+                        add_module(f"{hf_module}.weight", convert(hf_module, saved.pop(hf_module), shape, dtype, device))
+                    continue
                 target = _target(key, cfg)
                 if target is None:
                     continue
                 name, row_offset, rows = target
+                module = name.removesuffix(".weight")
+                if quantize and name.endswith(".weight") and module in projections:
+                    proj = projections[module]
+                    tensor = f.get_tensor(key)
+                    expected = (rows or sum(proj.out_sizes), proj.in_features)
+                    if tuple(tensor.shape) != expected:
+                        raise CheckpointError(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}")
+                    add_module(key, quantize_module(tensor.to(device=device, dtype=dtype), quantize))
+                    continue
                 if name not in params:
                     raise CheckpointError(f"unexpected tensor {key!r} in {file.name}")
                 tensor = f.get_tensor(key)
                 _copy_rows(params[name], tensor, row_offset, rows, key)
                 filled[name] += tensor.numel()
     missing = [n for n, count in filled.items() if count != params[n].numel()]
+    missing += [f"{m}.weight" for m, p in projections.items() if quantize and p.quantized is None]
+    missing += [f"{m}.weight (some of its quantization tensors)" for m in saved]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks tensors for: {', '.join(missing[:5])}")
     model.reset_rope()
     return model.eval()
+
+
+def saved_format(path: Path) -> str | None:
+    """"nf4" for a checkpoint transformers saved with a bitsandbytes 4-bit NF4 config, "fp8" for an FP8
+    one in the compressed-tensors or fbgemm_fp8 layout, None for a plain one. Any other
+    `quantization_config` (bitsandbytes 8-bit or FP4, AWQ, GPTQ, int compressed-tensors, ...) holds
+    packed tensors and states our loader does not read: a clear error, not a shape mismatch.
+    Quantize its bf16 original at load instead (--quantize nf4|fp8)."""
+    try:
+        with open(path / "config.json") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None  # ModelConfig.from_dir reports it
+    quant = config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    try:
+        if isinstance(quant, dict) and bnb_checkpoint.is_bnb_4bit(quant):
+            return "nf4"
+        if isinstance(quant, dict) and fp8_checkpoint.is_fp8(quant):
+            return "fp8"
+    except (bnb_checkpoint.BnbCheckpointError, fp8_checkpoint.FP8CheckpointError) as exc:
+        raise QuantizationError(f"{path}: {exc}") from None
+    if quant:
+        raise QuantizationError(
+            f"{path} is a quantized checkpoint (quantization_config with quant_method {method!r}), which loraplex "
+            "cannot read: serve its bf16 original with --quantize nf4 or --quantize fp8 (quantized as it loads)")
 
 
 def _target(key: str, cfg: ModelConfig) -> tuple[str, int, int | None] | None:
