@@ -68,7 +68,7 @@ class ServingEngine(Engine):
         self._queued_at[seq] = time.monotonic()
         super().submit(seq)
 
-    def run(self, chunks):
+    def run(self, chunks, all_logits=frozenset()):
         if self.metrics is not None:
             now = time.monotonic()
             for chunk in chunks:
@@ -77,7 +77,7 @@ class ServingEngine(Engine):
                     self.metrics.observe_queue_time(now - queued_at)
             adapters = {c.seq.adapter_key for c in chunks if c.seq.adapter_key is not None}
             self._last_batch = (len(chunks), len(adapters), sum(c.num_tokens for c in chunks))
-        return super().run(chunks)
+        return super().run(chunks, all_logits)
 
     def step(self):
         start = time.perf_counter()
@@ -229,6 +229,14 @@ class Service:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return list(prompt)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (log-probabilities name tokens so)."""
+        decode = self.engine.tokenizer.decode
+        return [decode([i]) for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids)
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """The model's chat template over the whole conversation, ready for the assistant's turn."""

@@ -7,7 +7,7 @@ things the server does not do (schemathesis found each of these in tests/test_fu
 - no request body for adapter uploads, which the route reads itself (multipart, two files);
 - any string as a customer id, where the store takes CUSTOMER_ID_PATTERN only;
 - /metrics as JSON (it is Prometheus text);
-- OpenAI request fields the server accepts only at their defaults (logprobs, echo, penalties,
+- OpenAI request fields the server accepts only at their defaults (best_of, suffix, penalties,
   tools, ...), so that a client asking for them gets a 400 naming the feature rather than a
   silent no: the document lists the values it accepts.
 Limits that depend on the model (the prompt plus max_tokens within the context, token ids within
@@ -46,10 +46,9 @@ ROUTE_ERRORS = (  # path prefix -> the error statuses its routes can answer
 )
 _NULL = {"type": "null"}
 DEFAULTS_ONLY = {  # schema -> field -> the values the server accepts (anything else: 400)
-    "CompletionRequest": {"logprobs": _NULL, "best_of": {"anyOf": [_NULL, {"const": 1}]},
-                          "echo": {"anyOf": [_NULL, {"const": False}]}, "suffix": {"anyOf": [_NULL, {"const": ""}]}},
+    "CompletionRequest": {"best_of": {"anyOf": [_NULL, {"const": 1}]},
+                          "suffix": {"anyOf": [_NULL, {"const": ""}]}},
     "ChatCompletionRequest": {
-        "logprobs": {"anyOf": [_NULL, {"const": False}]}, "top_logprobs": {"anyOf": [_NULL, {"const": 0}]},
         "tools": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
         "functions": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
         "response_format": {"anyOf": [_NULL, {"type": "object", "properties": {"type": {"const": "text"}}}]}},

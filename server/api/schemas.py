@@ -50,6 +50,9 @@ class GenerationFields(BaseModel):
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         return stops
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return None, None
+
     def unsupported(self) -> str | None:
         """Why this request asks for something the server does not do, or None."""
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
@@ -77,11 +80,11 @@ class CompletionRequest(GenerationFields):
             return [list(prompt)]
         return list(prompt)
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per output token, per prompt token); None = not wanted."""
+        return self.logprobs, self.logprobs if self.echo else None
+
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo is not supported"
-        if self.logprobs is not None:
-            return "logprobs are not supported yet"
         if self.best_of is not None and self.best_of != (self.n or 1):
             return "best_of is not supported (use n)"
         if self.suffix:
@@ -125,9 +128,12 @@ class ChatCompletionRequest(GenerationFields):
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return ((self.top_logprobs or 0) if self.logprobs else None), None
+
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs are not supported yet"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs: true"
         if (self.tools or self.functions) and self.tool_choice != "none":
             return "tools and function calling are not supported"
         if self.response_format and self.response_format.get("type", "text") != "text":

@@ -18,6 +18,7 @@ Everything runs on one CUDA stream, so blocks freed at N and reused at N+2 are w
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from transformers import AutoTokenizer
 from server.config import Settings
 from server.engine.block_manager import BlockAllocator
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import GenerationRequest, GenerationResult, SamplingParams
+from server.engine.logprobs import StepLogprobs
+from server.engine.request import GenerationRequest, GenerationResult, SamplingParams, TokenLogprob
 from server.engine.sampler import sample
 from server.engine.scheduler import AdapterResidency, ScheduledChunk, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
@@ -54,14 +56,15 @@ class LaunchedStep:
     """A step whose sampled tokens are on their way to the host."""
 
     sampled: list[tuple[int, Sequence]]  # (row, sequence) of the rows that drew a token
-    tokens: torch.Tensor  # (rows,) int64 on the device: the next step reads pending tokens here
-    host_tokens: torch.Tensor  # their copy on the host (page-locked on CUDA)
+    tokens: torch.Tensor | None  # (rows,) int64 on the device: the next step reads pending tokens here
+    host_tokens: torch.Tensor | None  # their copy on the host (page-locked on CUDA)
     copied: object = None  # torch.cuda.Event of that copy; None on the CPU
+    logprobs: StepLogprobs | None = None  # only when a request of the step asked for them
 
     def read_tokens(self) -> list[int]:
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host_tokens.tolist()
+        return self.host_tokens.tolist() if self.host_tokens is not None else []
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,10 @@ class Engine:
             seed = random.getrandbits(63)
         key = adapter_key if adapter_key is not None else request.adapter
         limit = min(len(prompt_ids) + request.sampling.max_tokens, self.limits.max_model_len)
-        return Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key, token_limit=limit)
+        seq = Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key, token_limit=limit)
+        if request.sampling.prompt_logprobs is not None:
+            seq.prompt_logprobs = [TokenLogprob(prompt_ids[0], None)]  # nothing predicts the first token
+        return seq
 
     def add_request(self, request: GenerationRequest, adapter_key=None) -> Sequence:
         """Validate and queue one request (engine thread)."""
@@ -230,7 +236,8 @@ class Engine:
             if time.monotonic() - idle_since > NO_PROGRESS_TIMEOUT_S:
                 raise RuntimeError("no progress: the waiting requests cannot be scheduled")
             time.sleep(0.002)
-        return [GenerationResult(s.text, list(s.output_ids), s.finish_reason, len(s.prompt_ids)) for s in seqs]
+        return [GenerationResult(s.text, list(s.output_ids), s.finish_reason, len(s.prompt_ids), s.output_logprobs,
+                                 s.prompt_logprobs) for s in seqs]
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -256,8 +263,9 @@ class Engine:
         previous, self._in_flight = self._in_flight, None
         return self.complete(previous) if previous is not None else []
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits (len(chunks), vocab) at each chunk's last token."""
+    def run(self, chunks: list[ScheduledChunk], all_logits: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Logits at each chunk's last token (len(chunks), vocab); chunks whose index is in
+        `all_logits` give a row for every token they feed (runner.SequenceChunk.all_logits)."""
         pending = self._in_flight.tokens if self._in_flight is not None else None
         slots = {c.seq.lora_slot for c in chunks if c.seq.lora_slot >= 0}
         return self.runner.run([
@@ -267,21 +275,41 @@ class Engine:
                 block_table=c.seq.block_table,
                 lora_slot=c.seq.lora_slot,
                 pending_row=c.seq.pending_row if c.seq.num_pending else -1,
+                all_logits=i in all_logits,
             )
-            for c in chunks
+            for i, c in enumerate(chunks)
         ], pending_tokens=pending, lora_projections=self.pool.projections_of(slots) if slots else None)
 
     def launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep | None:
         """Queue the forward and the sampling of the chunks; start the copy of the sampled ids
         to the host. None when no chunk completes its prompt (nothing to sample)."""
-        logits = self.run(chunks)
+        scored = frozenset(i for i, c in enumerate(chunks) if _scores_prompt(c))
+        logits = self.run(chunks, scored)
+        full = logits
+        if scored:  # (R, vocab) rows: every token of the scored chunks, the last of the others
+            counts = [c.num_tokens if i in scored else 1 for i, c in enumerate(chunks)]
+            ends = list(itertools.accumulate(counts))
+            logits = full.index_select(0, torch.tensor([e - 1 for e in ends], device=full.device))
         # Only chunks that reach the end of the known tokens sample; a prefill chunk in the
         # middle of a long prompt just fills the KV cache.
         ready = [(row, c.seq) for row, c in enumerate(chunks) if c.completes_prompt]
+        step_logprobs = None
+        if scored or any(seq.sampling.logprobs is not None for _, seq in ready):
+            step_logprobs = StepLogprobs()
+            for row, seq in ready:
+                if seq.sampling.logprobs is not None:
+                    step_logprobs.add_sampled(seq, ends[row] - 1 if scored else row, row)
+            for i in scored:
+                c = chunks[i]
+                step_logprobs.add_prompt(c.seq, ends[i] - c.num_tokens, c.seq.num_cached_tokens, c.num_tokens)
+                c.seq.prompt_scored_to = max(c.seq.prompt_scored_to, c.seq.num_cached_tokens + c.num_tokens)
         for c in chunks:
             c.seq.num_cached_tokens += c.num_tokens
         if not ready:
-            return None
+            if not step_logprobs:
+                return None
+            step_logprobs.compute(full, None)
+            return self._to_host([], None, step_logprobs)
         # Every row is sampled (rows of unfinished prompts greedily, and ignored): no gather of
         # rows with a host-made index.
         params = [_UNUSED_ROW] * len(chunks)
@@ -290,18 +318,31 @@ class Engine:
             params[row], seeds[row], steps[row] = seq.sampling, seq.seed, seq.num_generated
             seq.num_pending, seq.pending_row = seq.num_pending + 1, row
         tokens = sample(logits, params, seeds, steps)
-        if tokens.is_cuda:  # the step's one device -> host copy, waited for in complete()
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            return LaunchedStep(ready, tokens, host, copied)
-        return LaunchedStep(ready, tokens, tokens)
+        if step_logprobs:
+            step_logprobs.compute(full, tokens)
+        return self._to_host(ready, tokens, step_logprobs or None)
+
+    @staticmethod
+    def _to_host(ready, tokens: torch.Tensor | None, step_logprobs: StepLogprobs | None) -> LaunchedStep:
+        """Start the step's device -> host copy (its one copy unless logprobs were asked for),
+        waited for in complete()."""
+        if tokens is None or not tokens.is_cuda:
+            copied = None
+            if step_logprobs is not None and step_logprobs.host[0].is_cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            return LaunchedStep(ready, tokens, tokens, copied, step_logprobs)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedStep(ready, tokens, host, copied, step_logprobs)
 
     def complete(self, step: LaunchedStep) -> list[Sequence]:
         """Append a launched step's tokens, check stops and retire finished sequences. A
         sequence that ended meanwhile (aborted, or stopped at the step before) drops its token."""
         tokens = step.read_tokens()
+        entries = step.logprobs.apply(tokens) if step.logprobs is not None else {}
         updated = []
         for row, seq in step.sampled:
             if seq.is_finished or seq.num_pending == 0:
@@ -309,6 +350,9 @@ class Engine:
             seq.num_pending -= 1
             token = tokens[row]
             seq.output_ids.append(token)
+            if seq.sampling.logprobs is not None:
+                seq.output_logprobs = seq.output_logprobs or []
+                seq.output_logprobs.append(entries[seq.seq_id])
             updated.append(seq)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -320,6 +364,8 @@ class Engine:
         params = seq.sampling
         if token in self.eos_ids and not params.ignore_eos:
             seq.output_ids.pop()  # the EOS token is not part of the answer; seq.text already is its text
+            if seq.output_logprobs:
+                seq.output_logprobs.pop()
             return "stop"
         keep, new = self._decode(seq)
         seq.text = seq.text[:keep] + new
@@ -343,6 +389,14 @@ class Engine:
     def _mark_finished(seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _scores_prompt(chunk: ScheduledChunk) -> bool:
+    """The chunk feeds prompt tokens whose log-probabilities its request wants and no step has
+    computed yet (a preempted sequence's recomputation scores nothing twice)."""
+    seq = chunk.seq
+    return (seq.sampling.prompt_logprobs is not None and seq.num_cached_tokens < len(seq.prompt_ids) - 1
+            and seq.num_cached_tokens + chunk.num_tokens > seq.prompt_scored_to)
 
 
 def _async_scheduling(setting: str, device: torch.device) -> bool:

@@ -41,8 +41,13 @@ class Sequence:
     text: str = ""
     detokenizer: object = None  # IncrementalDetokenizer that keeps `text`, made by the engine at the first token
     adapter_key: Hashable | None = None  # identity of the adapter's weights, None = base model
+
     lora_slot: int = -1  # device slot while running with an adapter
     error: str | None = None  # why it finished abnormally (e.g. its adapter failed to load)
+    # log-probabilities, when the request asks for them (server/engine/logprobs.py)
+    output_logprobs: list | None = None  # TokenLogprob per output_ids entry
+    prompt_logprobs: list | None = None  # TokenLogprob per prompt token scored so far (the first: None)
+    prompt_scored_to: int = 0  # prompt positions whose logits a launched step computes (chunks ask while below)
 
     @property
     def tenant(self) -> str:
