@@ -384,4 +384,6 @@ class Service:
             kv_cache_usage=engine.blocks.usage_ratio, num_preemptions=engine.num_preemptions,
             num_steps=self.loop.num_steps, max_loras=limit, running_adapters=running[:limit],
             waiting_adapters=waiting, cache=self.cache.stats(),
+            prefix_cache_queried_tokens=engine.blocks.num_queried_tokens,
+            prefix_cache_hit_tokens=engine.blocks.num_hit_tokens,
         )

@@ -112,7 +112,8 @@ class Engine:
             cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
             cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
         )
-        self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size)
+        self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size,
+                                     prefix_caching=settings.enable_prefix_caching)
         self.adapters = (make_adapters or InMemoryAdapters)(self.pool)
         self.scheduler = Scheduler(
             SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
@@ -206,6 +207,7 @@ class Engine:
             failed += [seq for _, seq in self._in_flight.sampled if seq not in failed and not seq.is_finished]
             self._in_flight = None
         for seq in failed:
+            seq.num_cached_tokens = 0  # its keys and values may never have been computed: cache none of them
             self.scheduler.abort(seq)
             seq.error = message
             self._mark_finished(seq, "error")
