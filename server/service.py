@@ -230,6 +230,10 @@ class Service:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return list(prompt)
 
+    def check_json_schema(self, schema: str) -> None:
+        """Compile a response format's JSON schema (cached for its requests); ValueError if it cannot be."""
+        self.engine.grammars.compile(schema)
+
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (log-probabilities name tokens so)."""
         decode = self.engine.tokenizer.decode

@@ -14,6 +14,11 @@ input token, not yet on the host, from step N's sampled ids on the device (`Sequ
 The price: a sequence that stops at step N (EOS, a stop string, an abort) has run one more
 token in N+1, which is dropped; one that reaches its length limit is not scheduled again.
 Everything runs on one CUDA stream, so blocks freed at N and reused at N+2 are written in order.
+
+Requests that ask for more add work only to the steps they are in: log-probabilities
+(server/engine/logprobs.py) one more device -> host copy; a structured output's grammar
+(server/engine/grammar.py) needs its sequence's previous token before its mask, so such a step
+completes the step in flight once its own forward is queued, before sampling.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from transformers import AutoTokenizer
 from server.config import Settings
 from server.engine.block_manager import BlockAllocator
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.grammar import Grammars, mask_logits
 from server.engine.logprobs import StepLogprobs
 from server.engine.request import GenerationRequest, GenerationResult, SamplingParams, TokenLogprob
 from server.engine.sampler import sample
@@ -122,6 +128,8 @@ class Engine:
                                   max_num_batched_tokens=self.limits.max_num_batched_tokens,
                                   max_model_len=self.limits.max_model_len)
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, sorted(self.eos_ids))
+        self._completed_early: list[Sequence] = []  # by a launch that masks with grammars (see launch)
         self.async_scheduling = _async_scheduling(settings.async_scheduling, self.device)
         self._in_flight: LaunchedStep | None = None
         self.last_step_idle = False  # the last step() ran nothing: waiting on adapter loads
@@ -185,6 +193,8 @@ class Engine:
         key = adapter_key if adapter_key is not None else request.adapter
         limit = min(len(prompt_ids) + request.sampling.max_tokens, self.limits.max_model_len)
         seq = Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key, token_limit=limit)
+        if request.sampling.json_schema is not None:
+            seq.grammar = self.grammars.matcher(request.sampling.json_schema)  # GrammarError (a ValueError): refused
         if request.sampling.prompt_logprobs is not None:
             seq.prompt_logprobs = [TokenLogprob(prompt_ids[0], None)]  # nothing predicts the first token
         return seq
@@ -250,14 +260,15 @@ class Engine:
         for seq in out.failed:
             self._mark_finished(seq, "error")
         launched = self.launch(out.chunks) if out.chunks else None
+        early, self._completed_early = self._completed_early, []
         if self.async_scheduling:  # complete the step before this one; this one stays in flight
             previous, self._in_flight = self._in_flight, launched
         else:
             previous = launched
-        self.last_step_idle = not out.chunks and previous is None
+        self.last_step_idle = not out.chunks and previous is None and not early
         if previous is None:
-            return list(out.failed)
-        return list(out.failed) + self.complete(previous)
+            return list(out.failed) + early
+        return list(out.failed) + early + self.complete(previous)
 
     def flush(self) -> list[Sequence]:
         """Complete the step in flight, if any (asynchronous scheduling), so that every sampled
@@ -319,10 +330,31 @@ class Engine:
         for row, seq in ready:
             params[row], seeds[row], steps[row] = seq.sampling, seq.seed, seq.num_generated
             seq.num_pending, seq.pending_row = seq.num_pending + 1, row
+        constrained = [(row, seq) for row, seq in ready if seq.grammar is not None]
+        if constrained:
+            logits = self._mask_with_grammars(logits, constrained, keep_logits=step_logprobs is not None and not scored)
         tokens = sample(logits, params, seeds, steps)
         if step_logprobs:
             step_logprobs.compute(full, tokens)
         return self._to_host(ready, tokens, step_logprobs or None)
+
+    def _mask_with_grammars(self, logits: torch.Tensor, constrained: list[tuple[int, Sequence]],
+                            keep_logits: bool) -> torch.Tensor:
+        """Mask the constrained rows' logits by their grammars. Each matcher must have taken its
+        sequence's last token first: with asynchronous scheduling that token is the step in
+        flight's, so that step is completed now, after this step's forward is queued (the device
+        stays busy while the host reads the tokens and fills the masks), not after its sampling.
+        `keep_logits`: mask a copy (the log-probabilities are of the unmasked logits)."""
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            self._completed_early += self.complete(previous)
+        live = [(row, seq) for row, seq in constrained if not seq.is_finished]
+        if not live:
+            return logits
+        if keep_logits:
+            logits = logits.clone()
+        mask_logits(logits, [row for row, _ in live], [seq.grammar for _, seq in live])
+        return logits
 
     @staticmethod
     def _to_host(ready, tokens: torch.Tensor | None, step_logprobs: StepLogprobs | None) -> LaunchedStep:
@@ -352,6 +384,12 @@ class Engine:
             seq.num_pending -= 1
             token = tokens[row]
             seq.output_ids.append(token)
+            if seq.grammar is not None and not seq.grammar.accept(token):  # cannot happen: the mask allowed it
+                seq.error = "the sampled token does not fit the response format's grammar"
+                self.scheduler.finish(seq)
+                self._mark_finished(seq, "error")
+                updated.append(seq)
+                continue
             if seq.sampling.logprobs is not None:
                 seq.output_logprobs = seq.output_logprobs or []
                 seq.output_logprobs.append(entries[seq.seq_id])
@@ -364,7 +402,7 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
-        if token in self.eos_ids and not params.ignore_eos:
+        if token in self.eos_ids and (not params.ignore_eos or seq.grammar is not None):
             seq.output_ids.pop()  # the EOS token is not part of the answer; seq.text already is its text
             if seq.output_logprobs:
                 seq.output_logprobs.pop()

@@ -31,6 +31,9 @@ class SamplingParams:
     # computed in full, never taken from the prefix cache). None = not wanted (no cost).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # structured output (server/engine/grammar.py): the answer is JSON fitting this JSON schema (text);
+    # '{"type": "object"}' for any JSON object. EOS ends such a sequence even with ignore_eos.
+    json_schema: str | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:

@@ -52,7 +52,8 @@ class Sequence:
     # log-probabilities, when the request asks for them (server/engine/logprobs.py)
     output_logprobs: list | None = None  # TokenLogprob per output_ids entry
     prompt_logprobs: list | None = None  # TokenLogprob per prompt token scored so far (the first: None)
-    prompt_scored_to: int = 0  # prompt positions whose logits a launched step computes (chunks ask while below)
+    prompt_scored_to: int = 0
+    grammar: object = None  # grammar.Matcher of a structured output, following its accepted tokens  # prompt positions whose logits a launched step computes (chunks ask while below)
 
     @property
     def tenant(self) -> str:

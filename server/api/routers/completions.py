@@ -135,6 +135,12 @@ async def _serve(http: Request, tenant: Tenant, customer: str | None, service: S
     if not service.loop.is_alive:
         raise ServiceUnavailable("the engine loop is not running", code="engine_stopped")
     where = "messages" if isinstance(fmt, ChatFormat) else "prompt"
+    schema = body.json_schema()
+    if schema is not None:  # compiled now (and cached): an unusable schema is a 400 before anything is queued
+        try:
+            await asyncio.to_thread(service.check_json_schema, schema)
+        except ValueError as e:
+            raise BadRequest(str(e), param="response_format", code="invalid_response_format") from None
     try:
         for ids in prompt_ids:
             service.check_length(len(ids), max_tokens, where=where)
@@ -188,6 +194,7 @@ def _choices(body: GenerationFields, prompt_ids: list[list[int]], max_tokens: in
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
                 seed=None if seed is None else (seed + 2**63) % 2**64 - 2**63, stop=body.stop_strings(),
                 ignore_eos=bool(body.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                json_schema=body.json_schema(),
             )
             choices.append((prompt_index, GenerationRequest(prompt=ids, sampling=sampling, adapter=customer,
                                                             deadline=deadline)))
