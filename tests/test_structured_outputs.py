@@ -88,3 +88,25 @@ def test_a_schema_the_grammar_engine_cannot_compile_is_refused(engine, schema):
     with pytest.raises(GrammarError, match="cannot be used for structured output"):
         engine.make_sequence(request)
     assert not engine.scheduler.has_work()  # nothing was queued
+
+
+def test_masks_equal_xgrammars_own_application(engine):
+    """Our unpacking of the bitmasks (torch ops, CPU and GPU alike) against xgrammar's apply."""
+    import torch
+    import xgrammar as xgr
+
+    from server.engine.grammar import mask_logits
+
+    matchers = [engine.grammars.matcher(json.dumps(s)) for s in (PERSON, ORDERS)]
+    for token in engine.tokenizer.encode('{"orders', add_special_tokens=False):
+        assert matchers[1].accept(token)  # a state inside a key, where few tokens fit
+    vocab = engine.model.config.vocab_size
+    ours, theirs = torch.randn(4, vocab), None
+    theirs = ours.clone()
+    bitmask = xgr.allocate_token_bitmask(4, vocab)
+    for row, matcher in zip((1, 3), matchers):
+        matcher.fill(bitmask, row)
+    xgr.apply_token_bitmask_inplace(theirs, bitmask, indices=[1, 3])
+    mask_logits(ours, [1, 3], matchers)
+    assert torch.equal(ours, theirs)
+    assert torch.isfinite(ours[[0, 2]]).all() and 0 < torch.isfinite(ours[3]).sum() < 100

@@ -6,14 +6,13 @@ schema, within `CACHE_BYTES`), refusing one it cannot compile with a `GrammarErr
 ValueError: the API answers 400 with xgrammar's reason), one matcher per constrained sequence
 that follows its accepted tokens, and the per-step token masks: a bitmask row per constrained
 row of the step, filled on the host, copied to the device once, applied to those rows' logits
-before sampling (xgrammar's kernel on CUDA, its CPU path else). Unconstrained rows of the same
+before sampling (unpacked by torch ops on the device). Unconstrained rows of the same
 step are untouched; a step without a constrained sequence does none of this.
 
 Why xgrammar: of the three well-kept engines, it filled 64 matchers' masks for a nested JSON
 schema on SmolLM2's 49k vocabulary in a median 0.27 ms per step on one CPU core, against
-llguidance's 1.1 ms (outlines-core builds an index per schema up front, slow to compile for
-nested schemas); vLLM and SGLang use it by default, and its CUDA mask kernel runs on the step's
-stream without a host sync.
+llguidance's 1.1 ms (outlines-core was not measured: it builds a whole index per schema up front);
+vLLM and SGLang use it by default.
 
 Whitespace: generated JSON is compact-ish (", " and ": " separators, no newlines), so a small
 model cannot loop on whitespace; any object is the schema {"type": "object"}.
@@ -92,15 +91,23 @@ class Matcher:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
+@torch.inference_mode()  # the logits are the model's inference tensors
 def mask_logits(logits: torch.Tensor, rows: list[int], matchers: list[Matcher]) -> None:
     """Forbid, in place, every token each matcher does not allow next in its row of `logits`
-    (B, vocab) fp32: the masks are filled on the host and reach the device in one copy."""
+    (B, vocab) fp32. The masks are filled on the host as packed bits (one int32 per 32 tokens),
+    reach the device in one copy with the rows' index, and are unpacked there by plain torch ops
+    (no kernel to compile on the serving machine, the same code on the CPU and the GPU)."""
     import xgrammar as xgr
 
     vocab = logits.shape[-1]
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)  # (B, ceil(vocab / 32)) int32 on the host, all allowed
-    for row, matcher in zip(rows, matchers):
-        matcher.fill(bitmask, row)
+    bitmask = xgr.allocate_token_bitmask(len(rows), vocab)  # (n, ceil(vocab / 32)) int32 on the host
+    for i, matcher in enumerate(matchers):
+        matcher.fill(bitmask, i)
+    index = torch.tensor(rows, dtype=torch.int64)
     if logits.is_cuda:
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+        index = index.pin_memory().to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()  # (n, vocab): bit j of word w
+    rows_logits = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, index, rows_logits)
