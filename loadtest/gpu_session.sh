@@ -11,12 +11,13 @@
 #   bash loadtest/gpu_session.sh quantized 7b    # NF4/FP8 bases (issue 15): the 7B in bf16, nf4 and fp8 (~5 min)
 #   bash loadtest/gpu_session.sh quantized 70b   # the 70B shape in nf4 (< 10 min), quantized_bench_llama2-70b_h200.json
 #   bash loadtest/gpu_session.sh quantized kernels   # each projection's x W^T alone, and the fused kernel's tuning
+#   bash loadtest/gpu_session.sh prefix [bench_prefix_structured.py args]   # prefix caching on/off, structured outputs
 #
 # peft and scale leave their checkpoint in /tmp/bench; upload serves it when it is there.
 #
-# The machine lacks fastapi, uvicorn, pydantic, cachetools, python-multipart and httptools: they
-# travel as wheels in .whl/ (`../shared/gpu-wheels.sh httptools` downloads them; uvloop is there
-# already) and are installed into /tmp/site. The
+# The machine lacks fastapi, uvicorn, pydantic, cachetools, python-multipart, httptools, xgrammar and
+# apache-tvm-ffi: they travel as wheels in .whl/ (`../shared/gpu-wheels.sh httptools xgrammar
+# apache-tvm-ffi` downloads them; uvloop is there already) and are installed into /tmp/site. The
 # serving benchmark needs SmolLM2's tokenizer files in .bench/tokenizer (tokenizer.json and
 # tokenizer_config.json from the prepared model; the default model itself does not travel).
 set -uo pipefail
@@ -28,7 +29,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-mode=${1:?tests, micro, dora, serving, peft, scale, upload or quantized}
+mode=${1:?tests, micro, dora, serving, peft, scale, upload, quantized or prefix}
 shift
 
 case "$mode" in
@@ -39,8 +40,12 @@ case "$mode" in
       tests/test_dora_kernel.py tests/test_nf4_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
     timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
       tests/test_paged_attention_gpu.py tests/test_fused_elementwise_gpu.py tests/test_engine_gpu.py tests/test_lora_forward_gpu.py \
-      tests/test_lora_kernels_gpu.py tests/test_dora_gpu.py tests/test_quantized_gpu.py -k "not sweep" "$@" 2>&1 \
+      tests/test_lora_kernels_gpu.py tests/test_dora_gpu.py tests/test_quantized_gpu.py tests/test_prefix_logprobs_structured_gpu.py -k "not sweep" "$@" 2>&1 \
       | tee -a "$OUT/gpu_tests.log"
+    ;;
+  prefix)
+    timeout 590 python3 loadtest/bench_prefix_structured.py --out "$OUT" --tokenizer .bench/tokenizer "$@" 2>&1 \
+      | tee "$OUT/bench_prefix_structured.log"
     ;;
   dora)
     timeout 400 python3 loadtest/bench_engine_lora.py --dora --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_engine_dora.log"
@@ -81,7 +86,7 @@ case "$mode" in
       | tee "$OUT/bench_upload_under_load.log"
     ;;
   *)
-    echo "unknown mode $mode: tests, micro, dora, serving, peft, scale, upload or quantized" >&2
+    echo "unknown mode $mode: tests, micro, dora, serving, peft, scale, upload, quantized or prefix" >&2
     exit 2
     ;;
 esac

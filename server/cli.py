@@ -118,6 +118,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="the same bound for one tenant (default 262144; 0: no bound)")
     p.add_argument("--enforce-eager", action="store_const", const=True,
                    help="run decode steps without CUDA graphs (debugging; graphs are captured at start-up on the GPU)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,
+                   help="compute every prompt in full (default: full KV blocks of a prefix already computed "
+                        "for the same adapter are shared)")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"],
                    help="schedule the next step while the device runs this one (default auto: on the GPU)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -129,7 +132,7 @@ SERVE_SETTINGS = ("host", "port", "device", "dtype", "quantize", "served_model_n
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
                   "max_queued_requests_per_tenant", "max_requests_per_tenant", "max_queued_tokens",
                   "max_queued_tokens_per_tenant", "max_request_seconds", "max_connections", "drain_seconds",
-                  "adapter_store_shared")
+                  "adapter_store_shared", "enable_prefix_caching")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:

@@ -71,6 +71,9 @@ class Settings:
     max_num_batched_tokens: int = 2048  # LORAPLEX_MAX_NUM_BATCHED_TOKENS: tokens per step (prefill chunks + decodes)
     max_model_len: int = 0  # LORAPLEX_MAX_MODEL_LEN: 0 = min(model limit, 8192)
     enforce_eager: bool = False  # LORAPLEX_ENFORCE_EAGER: no CUDA graphs for decode steps (debugging)
+    # LORAPLEX_ENABLE_PREFIX_CACHING: full KV blocks shared by later requests with the same prefix and
+    # adapter (server/engine/block_manager.py); 0 = every prompt computed in full
+    enable_prefix_caching: bool = True
     # LORAPLEX_ASYNC_SCHEDULING: auto (on the GPU) | on | off: schedule step N+1 while the device runs step N
     async_scheduling: str = "auto"
     # LORAPLEX_BLAS_LIBRARY: auto (cuBLASLt on the GPU) | cublas | cublaslt: the library torch hands the

@@ -55,6 +55,8 @@ class EngineSnapshot:
     waiting_adapters: list[str]  # customer ids of waiting requests whose adapter is not in a slot
     cache: Any = None  # server.lora.cache.CacheStats (duck-typed: no torch import here)
     memory: dict | None = None  # server.model.quantized.device_memory: weight format and bytes, KV cache, adapter pool
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_cache_hit_tokens: int = 0  # of those, found cached (not computed again)
 
 
 class Metrics:
@@ -195,6 +197,11 @@ class _EngineCollector:
         yield _counter("loraplex_preemptions", "Sequences preempted for KV blocks (recomputed later)",
                        s.num_preemptions)
         yield _counter("loraplex_engine_steps", "Engine steps run", s.num_steps)
+        yield _counter("loraplex_prefix_cache_queries", "Tokens looked up in the KV prefix cache when a sequence "
+                       "is admitted (hit ratio: rate of loraplex_prefix_cache_hits_total over this)",
+                       s.prefix_cache_queried_tokens)
+        yield _counter("loraplex_prefix_cache_hits", "Tokens found in the KV prefix cache (their keys and values "
+                       "not computed again)", s.prefix_cache_hit_tokens)
         if s.cache is not None:
             yield from _cache_metrics(s.cache)
         if s.memory is not None:

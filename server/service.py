@@ -69,7 +69,7 @@ class ServingEngine(Engine):
         self._queued_at[seq] = time.monotonic()
         super().submit(seq)
 
-    def run(self, chunks):
+    def run(self, chunks, all_logits=frozenset()):
         if self.metrics is not None:
             now = time.monotonic()
             for chunk in chunks:
@@ -78,7 +78,7 @@ class ServingEngine(Engine):
                     self.metrics.observe_queue_time(now - queued_at)
             adapters = {c.seq.adapter_key for c in chunks if c.seq.adapter_key is not None}
             self._last_batch = (len(chunks), len(adapters), sum(c.num_tokens for c in chunks))
-        return super().run(chunks)
+        return super().run(chunks, all_logits)
 
     def step(self):
         start = time.perf_counter()
@@ -244,6 +244,18 @@ class Service:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return list(prompt)
 
+    def check_json_schema(self, schema: str) -> None:
+        """Compile a response format's JSON schema (cached for its requests); ValueError if it cannot be."""
+        self.engine.grammars.compile(schema)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (log-probabilities name tokens so)."""
+        decode = self.engine.tokenizer.decode
+        return [decode([i]) for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids)
+
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """The model's chat template over the whole conversation, ready for the assistant's turn."""
         tokenizer = self.engine.tokenizer
@@ -390,4 +402,6 @@ class Service:
             kv_cache_usage=engine.blocks.usage_ratio, num_preemptions=engine.num_preemptions,
             num_steps=self.loop.num_steps, max_loras=limit, running_adapters=running[:limit],
             waiting_adapters=waiting, cache=self.cache.stats(), memory=self.memory,
+            prefix_cache_queried_tokens=engine.blocks.num_queried_tokens,
+            prefix_cache_hit_tokens=engine.blocks.num_hit_tokens,
         )

@@ -241,8 +241,8 @@ def _long_prompt_ids(n: int) -> list[int]:
     ({"prompt": "hi", "n": 1000}, "n"),
     ({"prompt": "hi", "stop": [""]}, "stop"),
     ({"prompt": "hi", "stop": ["x"] * 20}, "stop"),
-    ({"prompt": "hi", "logprobs": 1}, "logprobs"),
-    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "logprobs": -1}, "logprobs"),
     ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [-5, 3]}, "vocabulary"),
@@ -264,7 +264,8 @@ def test_invalid_completion_requests_get_a_400_envelope(http, body, message):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_invalid_chat_requests_get_a_400_envelope(http, body, message):
     response = http.post("/v1/chat/completions", json=body)

@@ -85,3 +85,18 @@ def test_noise_is_uniform_and_distinct_per_seed_and_step():
     for a in range(4):
         for b in range(a + 1, 4):
             assert not torch.equal(u[a], u[b])
+
+
+def test_a_token_of_probability_zero_is_never_drawn_even_where_its_noise_is_the_largest():
+    """Seed 393 at step 0 draws the largest noise value for token 37597 (found by search): with
+    every other token masked, the masked one must still lose (it once drew 0 / 0 = NaN and won)."""
+    from server.engine.sampler import uniform_noise
+
+    seed, step, token, vocab = 393, 0, 37597, 49152
+    noise = uniform_noise(torch.tensor([seed]), torch.tensor([step]), vocab)
+    assert noise[0, token] < 1.0 and noise[0, token] > 1 - 1e-6
+    logits = torch.full((1, vocab), float("-inf"))
+    logits[0, 2] = 0.5  # the one allowed token
+    for temperature, top_p in ((0.8, 1.0), (1.0, 0.9)):
+        params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed)]
+        assert sample(logits, params, [seed], [step]).tolist() == [2]

@@ -7,7 +7,7 @@ things the server does not do (schemathesis found each of these in tests/test_fu
 - no request body for adapter uploads, which the route reads itself (multipart, two files);
 - any string as a customer id, where the store takes CUSTOMER_ID_PATTERN only;
 - /metrics as JSON (it is Prometheus text);
-- OpenAI request fields the server accepts only at their defaults (logprobs, echo, penalties,
+- OpenAI request fields the server accepts only at their defaults (best_of, suffix, penalties,
   tools, ...), so that a client asking for them gets a 400 naming the feature rather than a
   silent no: the document lists the values it accepts.
 Limits that depend on the model (the prompt plus max_tokens within the context, token ids within
@@ -46,13 +46,11 @@ ROUTE_ERRORS = (  # path prefix -> the error statuses its routes can answer
 )
 _NULL = {"type": "null"}
 DEFAULTS_ONLY = {  # schema -> field -> the values the server accepts (anything else: 400)
-    "CompletionRequest": {"logprobs": _NULL, "best_of": {"anyOf": [_NULL, {"const": 1}]},
-                          "echo": {"anyOf": [_NULL, {"const": False}]}, "suffix": {"anyOf": [_NULL, {"const": ""}]}},
+    "CompletionRequest": {"best_of": {"anyOf": [_NULL, {"const": 1}]},
+                          "suffix": {"anyOf": [_NULL, {"const": ""}]}},
     "ChatCompletionRequest": {
-        "logprobs": {"anyOf": [_NULL, {"const": False}]}, "top_logprobs": {"anyOf": [_NULL, {"const": 0}]},
         "tools": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
-        "functions": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
-        "response_format": {"anyOf": [_NULL, {"type": "object", "properties": {"type": {"const": "text"}}}]}},
+        "functions": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]}},
     "ChatMessage": {"role": {"enum": ["system", "developer", "user", "assistant"]},
                     "tool_calls": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]}},
     "ContentPart": {"type": {"const": "text"}, "text": {"type": "string"}},
@@ -67,6 +65,11 @@ STREAMING = {"text/event-stream": {"schema": {  # each event: a chunk object, an
 COMMON_DEFAULTS_ONLY = {"presence_penalty": {"anyOf": [_NULL, {"const": 0}]},
                         "frequency_penalty": {"anyOf": [_NULL, {"const": 0}]},
                         "logit_bias": {"anyOf": [_NULL, {"type": "object", "maxProperties": 0}]}}
+RESPONSE_FORMAT = {"anyOf": [_NULL, {  # only what the server checks (schemas.GenerationFields.json_schema)
+    "type": "object", "description": "structured output: text (the default type), any JSON object, or JSON "
+    "fitting json_schema.schema ({} when absent); a schema the grammar engine cannot compile is a 400",
+    "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
+                   "json_schema": {"type": "object", "properties": {"schema": {"type": "object"}}}}}]}
 UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["adapter_config", "adapter_model"],
     "properties": {"adapter_config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
@@ -101,6 +104,9 @@ def corrected(doc: dict) -> dict:
             schemas[name]["required"] = REQUIRED[name]
     if "CompletionRequest" in schemas:
         schemas["CompletionRequest"]["properties"]["prompt"] = NON_EMPTY_PROMPT
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        if "response_format" in schemas.get(name, {}).get("properties", {}):
+            schemas[name]["properties"]["response_format"] = RESPONSE_FORMAT
     for path, operations in doc.get("paths", {}).items():
         errors = next((codes for prefix, codes in ROUTE_ERRORS if path.startswith(prefix)), ())
         for method, operation in operations.items():

@@ -9,12 +9,14 @@ silently dropped.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 128
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # response_format json_object: any JSON object
 
 REQUEST_BODY = ConfigDict(extra="ignore", strict=True)  # every body model: see the module docstring
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
@@ -43,12 +45,35 @@ class GenerationFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens even past EOS
     user: str | None = None
+    # {"type": "text"} (default), {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    # {"name", "schema", "strict", "description"}}, as OpenAI's chat API; completions take it too (vLLM)
+    response_format: dict[str, Any] | None = None
+
+    def json_schema(self) -> str | None:
+        """The JSON schema (text) the answer must fit, or None for free text; ValueError if
+        response_format is malformed (a schema the grammar engine cannot compile is found later)."""
+        spec = self.response_format
+        if spec is None:
+            return None
+        kind, inner = spec.get("type", "text"), spec.get("json_schema")
+        if inner is not None and (not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), dict)):
+            raise ValueError("response_format json_schema must be an object whose schema is a JSON schema object")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return JSON_OBJECT_SCHEMA
+        if kind != "json_schema":
+            raise ValueError(f"response_format type {kind!r} is not supported: text, json_object or json_schema")
+        return json.dumps((inner or {}).get("schema", {}))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         return stops
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return None, None
 
     def unsupported(self) -> str | None:
         """Why this request asks for something the server does not do, or None."""
@@ -58,6 +83,10 @@ class GenerationFields(BaseModel):
             return "presence_penalty and frequency_penalty are not supported (leave them 0)"
         if self.logit_bias:
             return "logit_bias is not supported"
+        try:
+            self.json_schema()
+        except ValueError as e:
+            return str(e)
         return None
 
 
@@ -77,11 +106,11 @@ class CompletionRequest(GenerationFields):
             return [list(prompt)]
         return list(prompt)
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per output token, per prompt token); None = not wanted."""
+        return self.logprobs, self.logprobs if self.echo else None
+
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo is not supported"
-        if self.logprobs is not None:
-            return "logprobs are not supported yet"
         if self.best_of is not None and self.best_of != (self.n or 1):
             return "best_of is not supported (use n)"
         if self.suffix:
@@ -123,15 +152,15 @@ class ChatCompletionRequest(GenerationFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return ((self.top_logprobs or 0) if self.logprobs else None), None
 
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs are not supported yet"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs: true"
         if (self.tools or self.functions) and self.tool_choice != "none":
             return "tools and function calling are not supported"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return f"response_format {self.response_format.get('type')!r} is not supported (only 'text')"
         for message in self.messages:
             if message.role == "tool" or message.tool_calls:
                 return "tool messages and tool calls are not supported"

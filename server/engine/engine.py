@@ -14,10 +14,16 @@ input token, not yet on the host, from step N's sampled ids on the device (`Sequ
 The price: a sequence that stops at step N (EOS, a stop string, an abort) has run one more
 token in N+1, which is dropped; one that reaches its length limit is not scheduled again.
 Everything runs on one CUDA stream, so blocks freed at N and reused at N+2 are written in order.
+
+Requests that ask for more add work only to the steps they are in: log-probabilities
+(server/engine/logprobs.py) one more device -> host copy; a structured output's grammar
+(server/engine/grammar.py) needs its sequence's previous token before its mask, so such a step
+completes the step in flight once its own forward is queued, before sampling.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -30,7 +36,9 @@ from transformers import AutoTokenizer
 from server.config import Settings
 from server.engine.block_manager import BlockAllocator
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import GenerationRequest, GenerationResult, SamplingParams
+from server.engine.grammar import Grammars, mask_logits
+from server.engine.logprobs import StepLogprobs
+from server.engine.request import GenerationRequest, GenerationResult, SamplingParams, TokenLogprob
 from server.engine.sampler import sample
 from server.engine.scheduler import AdapterResidency, ScheduledChunk, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
@@ -54,14 +62,15 @@ class LaunchedStep:
     """A step whose sampled tokens are on their way to the host."""
 
     sampled: list[tuple[int, Sequence]]  # (row, sequence) of the rows that drew a token
-    tokens: torch.Tensor  # (rows,) int64 on the device: the next step reads pending tokens here
-    host_tokens: torch.Tensor  # their copy on the host (page-locked on CUDA)
+    tokens: torch.Tensor | None  # (rows,) int64 on the device: the next step reads pending tokens here
+    host_tokens: torch.Tensor | None  # their copy on the host (page-locked on CUDA)
     copied: object = None  # torch.cuda.Event of that copy; None on the CPU
+    logprobs: StepLogprobs | None = None  # only when a request of the step asked for them
 
     def read_tokens(self) -> list[int]:
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host_tokens.tolist()
+        return self.host_tokens.tolist() if self.host_tokens is not None else []
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,8 @@ class Engine:
             cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
             cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
         )
-        self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size)
+        self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size,
+                                     prefix_caching=settings.enable_prefix_caching)
         self.adapters = (make_adapters or InMemoryAdapters)(self.pool)
         self.scheduler = Scheduler(
             SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
@@ -118,6 +128,8 @@ class Engine:
                                   max_num_batched_tokens=self.limits.max_num_batched_tokens,
                                   max_model_len=self.limits.max_model_len)
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, sorted(self.eos_ids))
+        self._completed_early: list[Sequence] = []  # by a launch that masks with grammars (see launch)
         self.async_scheduling = _async_scheduling(settings.async_scheduling, self.device)
         self._in_flight: LaunchedStep | None = None
         self.last_step_idle = False  # the last step() ran nothing: waiting on adapter loads
@@ -180,7 +192,12 @@ class Engine:
             seed = random.getrandbits(63)
         key = adapter_key if adapter_key is not None else request.adapter
         limit = min(len(prompt_ids) + request.sampling.max_tokens, self.limits.max_model_len)
-        return Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key, token_limit=limit)
+        seq = Sequence(request=request, prompt_ids=prompt_ids, seed=seed, adapter_key=key, token_limit=limit)
+        if request.sampling.json_schema is not None:
+            seq.grammar = self.grammars.matcher(request.sampling.json_schema)  # GrammarError (a ValueError): refused
+        if request.sampling.prompt_logprobs is not None:
+            seq.prompt_logprobs = [TokenLogprob(prompt_ids[0], None)]  # nothing predicts the first token
+        return seq
 
     def add_request(self, request: GenerationRequest, adapter_key=None) -> Sequence:
         """Validate and queue one request (engine thread)."""
@@ -200,6 +217,7 @@ class Engine:
             failed += [seq for _, seq in self._in_flight.sampled if seq not in failed and not seq.is_finished]
             self._in_flight = None
         for seq in failed:
+            seq.num_cached_tokens = 0  # its keys and values may never have been computed: cache none of them
             self.scheduler.abort(seq)
             seq.error = message
             self._mark_finished(seq, "error")
@@ -230,7 +248,8 @@ class Engine:
             if time.monotonic() - idle_since > NO_PROGRESS_TIMEOUT_S:
                 raise RuntimeError("no progress: the waiting requests cannot be scheduled")
             time.sleep(0.002)
-        return [GenerationResult(s.text, list(s.output_ids), s.finish_reason, len(s.prompt_ids)) for s in seqs]
+        return [GenerationResult(s.text, list(s.output_ids), s.finish_reason, len(s.prompt_ids), s.output_logprobs,
+                                 s.prompt_logprobs) for s in seqs]
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -241,14 +260,15 @@ class Engine:
         for seq in out.failed:
             self._mark_finished(seq, "error")
         launched = self.launch(out.chunks) if out.chunks else None
+        early, self._completed_early = self._completed_early, []
         if self.async_scheduling:  # complete the step before this one; this one stays in flight
             previous, self._in_flight = self._in_flight, launched
         else:
             previous = launched
-        self.last_step_idle = not out.chunks and previous is None
+        self.last_step_idle = not out.chunks and previous is None and not early
         if previous is None:
-            return list(out.failed)
-        return list(out.failed) + self.complete(previous)
+            return list(out.failed) + early
+        return list(out.failed) + early + self.complete(previous)
 
     def flush(self) -> list[Sequence]:
         """Complete the step in flight, if any (asynchronous scheduling), so that every sampled
@@ -256,8 +276,9 @@ class Engine:
         previous, self._in_flight = self._in_flight, None
         return self.complete(previous) if previous is not None else []
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits (len(chunks), vocab) at each chunk's last token."""
+    def run(self, chunks: list[ScheduledChunk], all_logits: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Logits at each chunk's last token (len(chunks), vocab); chunks whose index is in
+        `all_logits` give a row for every token they feed (runner.SequenceChunk.all_logits)."""
         pending = self._in_flight.tokens if self._in_flight is not None else None
         slots = {c.seq.lora_slot for c in chunks if c.seq.lora_slot >= 0}
         return self.runner.run([
@@ -267,21 +288,41 @@ class Engine:
                 block_table=c.seq.block_table,
                 lora_slot=c.seq.lora_slot,
                 pending_row=c.seq.pending_row if c.seq.num_pending else -1,
+                all_logits=i in all_logits,
             )
-            for c in chunks
+            for i, c in enumerate(chunks)
         ], pending_tokens=pending, lora_projections=self.pool.projections_of(slots) if slots else None)
 
     def launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep | None:
         """Queue the forward and the sampling of the chunks; start the copy of the sampled ids
         to the host. None when no chunk completes its prompt (nothing to sample)."""
-        logits = self.run(chunks)
+        scored = frozenset(i for i, c in enumerate(chunks) if _scores_prompt(c))
+        logits = self.run(chunks, scored)
+        full = logits
+        if scored:  # (R, vocab) rows: every token of the scored chunks, the last of the others
+            counts = [c.num_tokens if i in scored else 1 for i, c in enumerate(chunks)]
+            ends = list(itertools.accumulate(counts))
+            logits = full.index_select(0, torch.tensor([e - 1 for e in ends], device=full.device))
         # Only chunks that reach the end of the known tokens sample; a prefill chunk in the
         # middle of a long prompt just fills the KV cache.
         ready = [(row, c.seq) for row, c in enumerate(chunks) if c.completes_prompt]
+        step_logprobs = None
+        if scored or any(seq.sampling.logprobs is not None for _, seq in ready):
+            step_logprobs = StepLogprobs()
+            for row, seq in ready:
+                if seq.sampling.logprobs is not None:
+                    step_logprobs.add_sampled(seq, ends[row] - 1 if scored else row, row)
+            for i in scored:
+                c = chunks[i]
+                step_logprobs.add_prompt(c.seq, ends[i] - c.num_tokens, c.seq.num_cached_tokens, c.num_tokens)
+                c.seq.prompt_scored_to = max(c.seq.prompt_scored_to, c.seq.num_cached_tokens + c.num_tokens)
         for c in chunks:
             c.seq.num_cached_tokens += c.num_tokens
         if not ready:
-            return None
+            if not step_logprobs:
+                return None
+            step_logprobs.compute(full, None)
+            return self._to_host([], None, step_logprobs)
         # Every row is sampled (rows of unfinished prompts greedily, and ignored): no gather of
         # rows with a host-made index.
         params = [_UNUSED_ROW] * len(chunks)
@@ -289,19 +330,53 @@ class Engine:
         for row, seq in ready:
             params[row], seeds[row], steps[row] = seq.sampling, seq.seed, seq.num_generated
             seq.num_pending, seq.pending_row = seq.num_pending + 1, row
+        constrained = [(row, seq) for row, seq in ready if seq.grammar is not None]
+        if constrained:
+            logits = self._mask_with_grammars(logits, constrained, keep_logits=step_logprobs is not None and not scored)
         tokens = sample(logits, params, seeds, steps)
-        if tokens.is_cuda:  # the step's one device -> host copy, waited for in complete()
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            return LaunchedStep(ready, tokens, host, copied)
-        return LaunchedStep(ready, tokens, tokens)
+        if step_logprobs:
+            step_logprobs.compute(full, tokens)
+        return self._to_host(ready, tokens, step_logprobs or None)
+
+    def _mask_with_grammars(self, logits: torch.Tensor, constrained: list[tuple[int, Sequence]],
+                            keep_logits: bool) -> torch.Tensor:
+        """Mask the constrained rows' logits by their grammars. Each matcher must have taken its
+        sequence's last token first: with asynchronous scheduling that token is the step in
+        flight's, so that step is completed now, after this step's forward is queued (the device
+        stays busy while the host reads the tokens and fills the masks), not after its sampling.
+        `keep_logits`: mask a copy (the log-probabilities are of the unmasked logits)."""
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            self._completed_early += self.complete(previous)
+        live = [(row, seq) for row, seq in constrained if not seq.is_finished]
+        if not live:
+            return logits
+        if keep_logits:
+            logits = logits.clone()
+        mask_logits(logits, [row for row, _ in live], [seq.grammar for _, seq in live])
+        return logits
+
+    @staticmethod
+    def _to_host(ready, tokens: torch.Tensor | None, step_logprobs: StepLogprobs | None) -> LaunchedStep:
+        """Start the step's device -> host copy (its one copy unless logprobs were asked for),
+        waited for in complete()."""
+        if tokens is None or not tokens.is_cuda:
+            copied = None
+            if step_logprobs is not None and step_logprobs.host[0].is_cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            return LaunchedStep(ready, tokens, tokens, copied, step_logprobs)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedStep(ready, tokens, host, copied, step_logprobs)
 
     def complete(self, step: LaunchedStep) -> list[Sequence]:
         """Append a launched step's tokens, check stops and retire finished sequences. A
         sequence that ended meanwhile (aborted, or stopped at the step before) drops its token."""
         tokens = step.read_tokens()
+        entries = step.logprobs.apply(tokens) if step.logprobs is not None else {}
         updated = []
         for row, seq in step.sampled:
             if seq.is_finished or seq.num_pending == 0:
@@ -309,6 +384,15 @@ class Engine:
             seq.num_pending -= 1
             token = tokens[row]
             seq.output_ids.append(token)
+            if seq.grammar is not None and not seq.grammar.accept(token):  # cannot happen: the mask allowed it
+                seq.error = "the sampled token does not fit the response format's grammar"
+                self.scheduler.finish(seq)
+                self._mark_finished(seq, "error")
+                updated.append(seq)
+                continue
+            if seq.sampling.logprobs is not None:
+                seq.output_logprobs = seq.output_logprobs or []
+                seq.output_logprobs.append(entries[seq.seq_id])
             updated.append(seq)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -318,8 +402,10 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
-        if token in self.eos_ids and not params.ignore_eos:
+        if token in self.eos_ids and (not params.ignore_eos or seq.grammar is not None):
             seq.output_ids.pop()  # the EOS token is not part of the answer; seq.text already is its text
+            if seq.output_logprobs:
+                seq.output_logprobs.pop()
             return "stop"
         keep, new = self._decode(seq)
         seq.text = seq.text[:keep] + new
@@ -343,6 +429,14 @@ class Engine:
     def _mark_finished(seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _scores_prompt(chunk: ScheduledChunk) -> bool:
+    """The chunk feeds prompt tokens whose log-probabilities its request wants and no step has
+    computed yet (a preempted sequence's recomputation scores nothing twice)."""
+    seq = chunk.seq
+    return (seq.sampling.prompt_logprobs is not None and seq.num_cached_tokens < len(seq.prompt_ids) - 1
+            and seq.num_cached_tokens + chunk.num_tokens > seq.prompt_scored_to)
 
 
 def _async_scheduling(setting: str, device: torch.device) -> bool:

@@ -39,6 +39,8 @@ class StreamEvent:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list | None = None  # TokenLogprob of each of token_ids, when the request asks for them
+    prompt_logprobs: list | None = None  # on the first event of a request asking for them: the prompt's
 
 
 class EngineLoop:
@@ -149,8 +151,8 @@ class EngineLoop:
             seq = consumer.seq
             self.engine.abort(seq)
             text, ids = consumer.take_new(seq)
-            consumer.send(StreamEvent(text, ids, "timeout", "the request ran past its deadline", len(seq.prompt_ids),
-                                      len(seq.output_ids)))
+            consumer.send(consumer.with_logprobs(seq, StreamEvent(
+                text, ids, "timeout", "the request ran past its deadline", len(seq.prompt_ids), len(seq.output_ids))))
         if len(self._deadlines) > 4 * len(self._consumers) + 64:  # mostly ended requests: drop them
             self._deadlines = [(d, i) for d, i in self._deadlines if i in self._consumers]
             heapq.heapify(self._deadlines)
@@ -163,6 +165,7 @@ class EngineLoop:
             consumer = self._consumers.get(seq.seq_id)
             if consumer is None:
                 continue
+            sent_tokens = consumer.sent_tokens
             text, ids = consumer.take_new(seq)
             if seq.is_finished:
                 del self._consumers[seq.seq_id]
@@ -171,6 +174,8 @@ class EngineLoop:
                 event = StreamEvent(text, ids, prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
             else:
                 continue
+            if seq.output_logprobs is not None or seq.prompt_logprobs is not None:
+                consumer.with_logprobs(seq, event, sent_tokens)
             batches.setdefault(consumer.loop, []).append((consumer, event))
         for loop, batch in batches.items():
             _deliver(loop, batch)
@@ -194,8 +199,13 @@ def _coalesce(event: StreamEvent, pending: asyncio.Queue) -> StreamEvent:
     while event.finish_reason is None and not pending.empty():
         later = pending.get_nowait()
         event = StreamEvent(event.text + later.text, event.token_ids + later.token_ids, later.finish_reason,
-                            later.error, later.prompt_tokens, later.completion_tokens)
+                            later.error, later.prompt_tokens, later.completion_tokens,
+                            _join(event.logprobs, later.logprobs), _join(event.prompt_logprobs, later.prompt_logprobs))
     return event
+
+
+def _join(a: list | None, b: list | None) -> list | None:
+    return b if a is None else a if b is None else a + b
 
 
 class _Consumer:
@@ -205,6 +215,7 @@ class _Consumer:
         self.loop, self.queue, self.seq = loop, q, seq
         self.sent_chars = 0
         self.sent_tokens = 0
+        self.sent_prompt_logprobs = False
 
     def take_new(self, seq: Sequence) -> tuple[str, list[int]]:
         stable = seq.text if seq.is_finished else _stable_prefix(seq.text, seq.sampling.stop)
@@ -213,6 +224,17 @@ class _Consumer:
         ids = seq.output_ids[self.sent_tokens :]
         self.sent_tokens = len(seq.output_ids)
         return text, ids
+
+    def with_logprobs(self, seq: Sequence, event: StreamEvent, sent_tokens: int | None = None) -> StreamEvent:
+        """Add the log-probabilities of the event's tokens (those after `sent_tokens`), and the
+        prompt's on the first event that can carry them."""
+        first = self.sent_tokens - len(event.token_ids) if sent_tokens is None else sent_tokens
+        if seq.output_logprobs is not None:
+            event.logprobs = seq.output_logprobs[first : first + len(event.token_ids)]
+        if seq.prompt_logprobs is not None and not self.sent_prompt_logprobs:
+            self.sent_prompt_logprobs = True
+            event.prompt_logprobs = seq.prompt_logprobs
+        return event
 
     def send(self, event: StreamEvent) -> None:
         _deliver(self.loop, [(self, event)])

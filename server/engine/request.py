@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # most likely alternatives per token a request may ask for
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float | None  # None: the prompt's first token, which nothing predicts
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -14,6 +25,15 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # log-probabilities (server/engine/logprobs.py), of the logits the sampler sees (after the
+    # adapter, before temperature): each output token's and its `logprobs` most likely
+    # alternatives; `prompt_logprobs`: the same for every prompt token (the prompt is then
+    # computed in full, never taken from the prefix cache). None = not wanted (no cost).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # structured output (server/engine/grammar.py): the answer is JSON fitting this JSON schema (text);
+    # '{"type": "object"}' for any JSON object. EOS ends such a sequence even with ignore_eos.
+    json_schema: str | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -28,6 +48,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in 0..{MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
@@ -49,3 +73,5 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked for

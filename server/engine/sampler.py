@@ -19,6 +19,7 @@ import torch
 from server.engine.request import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> torch.Tensor:
@@ -72,7 +73,9 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
     row = _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) & _MASK32) ^ _mix32(step & _MASK32)))  # (n,)
     token = _mul32(torch.arange(vocab, dtype=torch.int64, device=seed.device), 0x9E3779B1)  # (vocab,)
     bits = _mix32(row[:, None] ^ token[None, :])  # (n, vocab) 32 bits
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # the top value, (2**24 - 0.5) / 2**24, rounds to 1.0 in float32: -log(1) = 0 would make a token of
+    # probability 0 (masked by top-k/top-p or a grammar) draw 0 / 0 = NaN, which argmax picks
+    return (((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=_BELOW_ONE)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -11,6 +11,11 @@ Plain Python — no torch, no HTTP — so tests drive it with a fake runner. Eac
    tenant flooding the queue cannot starve the others), while the token budget, the running
    cap, KV blocks and adapter slots allow. A sequence whose adapter is still loading stays
    waiting without holding up other tenants; one whose adapter failed to load is failed.
+   With prefix caching, an admitted sequence first takes the cached blocks of its longest known
+   prefix under its adapter's identity (never its last token: that one's logits are needed)
+   and feeds only what follows; a sequence that wants its prompt's log-probabilities takes none.
+3. Blocks a sequence has filled with computed keys and values are registered in the cache
+   (each step, and when it ends or is preempted): from the next step on others find them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Hashable, Protocol
 
-from server.engine.block_manager import BlockAllocator
+from server.engine.block_manager import BlockAllocator, block_hash
 from server.engine.sequence import Sequence, SequenceStatus
 
 
@@ -38,6 +43,10 @@ class AdapterResidency(Protocol):
         """Make it resident (if it is not) and count one more user; returns its slot."""
 
     def unpin(self, key: Hashable) -> None: ...
+
+    def identity(self, key: Hashable) -> Hashable:
+        """What names the adapter's weights for the prefix cache: equal only for the same
+        weights (a replaced adapter gets a new identity). Optional: the key itself by default."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            self._cache_computed_blocks(seq)
             if seq.awaits_last_token:  # asynchronous scheduling: it ends when that token arrives
                 i += 1
                 continue
@@ -159,9 +169,11 @@ class Scheduler:
                         continue
                     if state != "ready" or not self.adapters.can_pin(seq.adapter_key):
                         continue  # this tenant waits; the others go on
-                n = min(seq.num_tokens - seq.num_cached_tokens, budget)
-                need = self.blocks.blocks_needed(seq.num_cached_tokens + n)
-                if not self.blocks.can_allocate(need):
+                hits = self._cached_prefix(seq)
+                cached = len(hits) * self.blocks.block_size
+                n = min(seq.num_tokens - cached, budget)
+                need = self.blocks.blocks_needed(cached + n, len(hits))
+                if not self.blocks.can_allocate(need + self.blocks.num_unreferenced(hits)):
                     return  # running sequences will free blocks; nobody jumps the queue for them
                 queue.popleft()
                 self._rotate(tenant)
@@ -173,7 +185,10 @@ class Scheduler:
                         seq.error = str(exc)
                         out.failed.append(seq)
                         continue
-                seq.block_table = self.blocks.allocate(need)
+                if self.blocks.prefix_caching and seq.sampling.prompt_logprobs is None:
+                    self.blocks.count_lookup(seq.num_tokens, cached)
+                seq.block_table = self.blocks.take(hits) + self.blocks.allocate(need)
+                seq.num_cached_tokens, seq.num_cached_blocks = cached, len(hits)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.chunks.append(ScheduledChunk(seq, n))
@@ -199,7 +214,47 @@ class Scheduler:
         queue.appendleft(seq)
         self.waiting.move_to_end(seq.tenant, last=False)
 
+    # -- prefix caching -------------------------------------------------------------------
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks of the longest prefix of the sequence's known tokens, short of its
+        last token, under its adapter's identity (and hashes its full blocks for later)."""
+        if not self.blocks.prefix_caching:
+            return []
+        namespace = None
+        if seq.adapter_key is not None:
+            identity = getattr(self.adapters, "identity", None)
+            namespace = identity(seq.adapter_key) if identity is not None else seq.adapter_key
+        if namespace != seq.cache_namespace:  # e.g. its adapter was replaced while it waited, preempted
+            seq.cache_namespace, seq.block_hashes = namespace, []
+        if seq.sampling.prompt_logprobs is not None:  # every prompt position's logits are wanted
+            return []
+        self._hash_blocks(seq, seq.num_known_tokens // self.blocks.block_size)
+        usable = (min(seq.num_known_tokens, seq.num_tokens - 1)) // self.blocks.block_size
+        return self.blocks.match_prefix(seq.block_hashes[:usable])
+
+    def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
+        size, hashes = self.blocks.block_size, seq.block_hashes
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(block_hash(hashes[-1] if hashes else None, seq.cache_namespace,
+                                     seq.token_slice(i * size, size)))
+
+    def _cache_computed_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's blocks that are full of computed keys and values of known tokens."""
+        if not self.blocks.prefix_caching:
+            return
+        full = min(seq.num_cached_tokens, seq.num_known_tokens) // self.blocks.block_size
+        if full <= seq.num_cached_blocks:
+            return
+        self._hash_blocks(seq, full)
+        for i in range(seq.num_cached_blocks, full):
+            self.blocks.cache(seq.block_table[i], seq.block_hashes[i])
+        seq.num_cached_blocks = full
+
     def _release(self, seq: Sequence) -> None:
+        self._cache_computed_blocks(seq)
+        seq.num_cached_blocks = 0
         self.blocks.free(seq.block_table)
         seq.block_table = []
         if seq.adapter_key is not None and seq.lora_slot >= 0:

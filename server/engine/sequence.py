@@ -41,8 +41,19 @@ class Sequence:
     text: str = ""
     detokenizer: object = None  # IncrementalDetokenizer that keeps `text`, made by the engine at the first token
     adapter_key: Hashable | None = None  # identity of the adapter's weights, None = base model
+    # Prefix caching (server/engine/block_manager.py): the namespace its blocks are hashed under (the
+    # adapter's identity, set at admission), the hashes of its full blocks of known tokens so far,
+    # and how many of its blocks are registered in the cache
+    cache_namespace: Hashable | None = None
+    block_hashes: list = field(default_factory=list)
+    num_cached_blocks: int = 0
     lora_slot: int = -1  # device slot while running with an adapter
     error: str | None = None  # why it finished abnormally (e.g. its adapter failed to load)
+    # log-probabilities, when the request asks for them (server/engine/logprobs.py)
+    output_logprobs: list | None = None  # TokenLogprob per output_ids entry
+    prompt_logprobs: list | None = None  # TokenLogprob per prompt token scored so far (the first: None)
+    prompt_scored_to: int = 0
+    grammar: object = None  # grammar.Matcher of a structured output, following its accepted tokens  # prompt positions whose logits a launched step computes (chunks ask while below)
 
     @property
     def tenant(self) -> str:
@@ -61,6 +72,11 @@ class Sequence:
     def num_tokens(self) -> int:
         """Prompt, output and pending tokens."""
         return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens whose ids are on the host (pending ones excluded)."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def num_generated(self) -> int:

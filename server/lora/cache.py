@@ -251,6 +251,11 @@ class AdapterCache:
             self._device_bytes[key] = adapter.nbytes
         return slot
 
+    def identity(self, key: AdapterKey) -> AdapterKey:
+        """The prefix cache's name for the adapter's weights: (customer id, version) itself, as the
+        store never gives a version number twice (a replacement is a new version)."""
+        return key
+
     def unpin(self, key: AdapterKey) -> None:
         with self._lock:
             self._slots.release(key)

@@ -18,6 +18,7 @@ class InMemoryAdapters:
         self.pool = pool
         self.slots = SlotTable(pool.num_pages, pool.max_block)
         self.adapters: dict[Hashable, LoRAAdapter] = {}
+        self._generation: dict[Hashable, int] = {}  # registrations of each key: a replaced adapter's identity changes
 
     def register(self, key: Hashable, adapter: LoRAAdapter) -> None:
         self.slots.evict(key)  # raises while in use; a replaced adapter is reloaded on next use
@@ -25,6 +26,11 @@ class InMemoryAdapters:
             adapter = adapter.packed(pin_memory=self.pool.device.type == "cuda", dtype=self.pool.dtype)
         self.pool.plan(adapter)
         self.adapters[key] = adapter
+        self._generation[key] = self._generation.get(key, 0) + 1
+
+    def identity(self, key: Hashable) -> Hashable:
+        """The prefix cache's name for the adapter's weights: the key and which registration."""
+        return (key, self._generation[key])
 
     def prepare(self, key: Hashable) -> str:
         return "ready" if key in self.adapters else "failed"

@@ -51,6 +51,7 @@ class SequenceChunk:
     # >= 0: the last token's id is not known on the host yet (asynchronous scheduling); the
     # device reads it from this row of the previous step's sampled tokens
     pending_row: int = -1
+    all_logits: bool = False  # logits of every token of the chunk, not only the last (prompt logprobs)
 
 
 class StepBuffers:
@@ -222,7 +223,9 @@ class ModelRunner:
 
     def run(self, chunks: list[SequenceChunk], all_logits: bool = False,
             pending_tokens: torch.Tensor | None = None, lora_projections: frozenset | None = None) -> torch.Tensor:
-        """Logits (B, vocab) fp32 at each chunk's last token; with all_logits, (T, vocab).
+        """Logits (B, vocab) fp32 at each chunk's last token; with all_logits, (T, vocab). Chunks
+        marked `all_logits` give a row for each of their tokens (in order, the last one last), the
+        others one row: such steps run eagerly.
         `pending_tokens`: the previous step's sampled ids on the device, where chunks' last
         tokens are still pending (SequenceChunk.pending_row). `lora_projections`: the names of
         the projections the chunks' adapters target (None: any); the others skip their LoRA
@@ -237,7 +240,10 @@ class ModelRunner:
         has_lora = any(s >= 0 for s in token_slots)
         self._ensure_capacity(num_tokens, num_seqs, max(len(c.block_table) for c in chunks))
         num_prefills = sum(len(c.token_ids) > 1 for c in chunks)
-        shape = None if all_logits or self.graphs is None else self.graphs.shape_for(num_tokens, num_seqs, num_prefills)
+        some_rows = any(c.all_logits for c in chunks) and not all_logits
+        shape = None
+        if not (all_logits or some_rows or self.graphs is None):
+            shape = self.graphs.shape_for(num_tokens, num_seqs, num_prefills)
         if shape is not None:
             pad_tokens, pad_seqs = self.graphs.padding(*shape)
             _, _, num_pending = self.buffers.fill(chunks, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
@@ -258,6 +264,10 @@ class ModelRunner:
             self.lora_meta.projections = lora_projections
             lora = self.lora_meta
         logits_indices = None if all_logits else self.buffers.device_view("logits_indices", num_seqs)
+        if some_rows:  # rare (prompt logprobs): an index of its own, made on the host
+            rows = [r for i, c in enumerate(chunks)
+                    for r in (range(query_starts[i], query_starts[i + 1]) if c.all_logits else (query_starts[i + 1] - 1,))]
+            logits_indices = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model(self.buffers.device_view("input_ids", num_tokens), attn, self.kv_cache, lora, logits_indices)
 
     def _take_pending(self, num_pending: int, pending_tokens: torch.Tensor | None) -> None:

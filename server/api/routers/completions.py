@@ -97,8 +97,11 @@ async def create_completion(body: CompletionRequest, http: Request, tenant: Tena
         raise BadRequest("prompt is empty", param="prompt")
     prompt_ids = await _tokenize(lambda: [service.completion_prompt_ids(p) for p in prompts])
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+    echo = None
+    if body.echo:
+        echo = await asyncio.to_thread(lambda: [p if isinstance(p, str) else service.decode(p) for p in prompts])
     return await _serve(http, tenant, customer, service, body, prompt_ids, max_tokens, TextCompletionFormat(),
-                        arrived_at)
+                        arrived_at, echo)
 
 
 @router.post("/v1/chat/completions")
@@ -126,10 +129,18 @@ async def _tokenize(work) -> list[list[int]]:
 
 
 async def _serve(http: Request, tenant: Tenant, customer: str | None, service: Service, body: GenerationFields,
-                 prompt_ids: list[list[int]], max_tokens: int, fmt: ResponseFormat, arrived_at: float) -> Response:
+                 prompt_ids: list[list[int]], max_tokens: int, fmt: ResponseFormat, arrived_at: float,
+                 echo: list[str] | None = None) -> Response:
+    """`echo`: per prompt, its text to put before each of its choices' text (completions' echo)."""
     if not service.loop.is_alive:
         raise ServiceUnavailable("the engine loop is not running", code="engine_stopped")
     where = "messages" if isinstance(fmt, ChatFormat) else "prompt"
+    schema = body.json_schema()
+    if schema is not None:  # compiled now (and cached): an unusable schema is a 400 before anything is queued
+        try:
+            await asyncio.to_thread(service.check_json_schema, schema)
+        except ValueError as e:
+            raise BadRequest(str(e), param="response_format", code="invalid_response_format") from None
     try:
         for ids in prompt_ids:
             service.check_length(len(ids), max_tokens, where=where)
@@ -155,7 +166,8 @@ async def _serve(http: Request, tenant: Tenant, customer: str | None, service: S
         raise TooManyRequests(str(e), e.retry_after_s, code=e.reason) from None
     run = _Run(service, metrics, key, choices, fmt, customer or service.model.name,
                usage_in_stream=bool(body.stream_options and body.stream_options.include_usage), arrived_at=arrived_at,
-               ticket=ticket)
+               ticket=ticket, wants_logprobs=body.logprob_counts()[0] is not None,
+               echo=[echo[p] for p, _ in choices] if echo is not None else None)
     try:
         if body.stream:
             return await _stream_response(run)
@@ -173,6 +185,7 @@ def _choices(body: GenerationFields, prompt_ids: list[list[int]], max_tokens: in
     if n * len(prompt_ids) > MAX_CHOICES:
         raise ValueError(f"n x prompts = {n * len(prompt_ids)} sequences; at most {MAX_CHOICES} per request")
     choices = []
+    logprobs, prompt_logprobs = body.logprob_counts()
     for prompt_index, ids in enumerate(prompt_ids):
         for i in range(n):
             seed = None if body.seed is None else body.seed + i
@@ -180,7 +193,8 @@ def _choices(body: GenerationFields, prompt_ids: list[list[int]], max_tokens: in
                 max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
                 seed=None if seed is None else (seed + 2**63) % 2**64 - 2**63, stop=body.stop_strings(),
-                ignore_eos=bool(body.ignore_eos),
+                ignore_eos=bool(body.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                json_schema=body.json_schema(),
             )
             choices.append((prompt_index, GenerationRequest(prompt=ids, sampling=sampling, adapter=customer,
                                                             deadline=deadline)))
@@ -200,12 +214,29 @@ class _Run:
     usage_in_stream: bool = False
     arrived_at: float = field(default_factory=time.monotonic)
     ticket: Ticket | None = None  # admission: queued until the first event, counted until release
+    wants_logprobs: bool = False
+    echo: list[str] | None = None  # per choice: the prompt's text, put before its own (completions' echo)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     _released: bool = False
 
     def __post_init__(self):
         self.id = f"{self.fmt.id_prefix}-{uuid.uuid4().hex}"
+        self.text_offsets = [0] * len(self.choices)  # log-probabilities' text_offset, per choice
+        self._echo_due = set(range(len(self.choices))) if self.echo is not None else set()
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return self.service.token_texts(ids)
+
+    def with_echo(self, index: int, event: StreamEvent) -> tuple[str, list | None]:
+        """The event's text and log-probability entries, after the prompt's on the choice's first event."""
+        entries = event.logprobs
+        if index not in self._echo_due:
+            return event.text, entries
+        self._echo_due.discard(index)
+        if self.wants_logprobs:
+            entries = (event.prompt_logprobs or []) + (entries or [])
+        return self.echo[index] + event.text, entries
 
     def release(self) -> None:
         if self.ticket is not None:
@@ -238,14 +269,20 @@ class _Run:
 
     async def collect(self) -> JSONResponse:
         texts = [[] for _ in self.choices]
+        entries = [[] if self.wants_logprobs else None for _ in self.choices]
         finals: list[StreamEvent | None] = [None] * len(self.choices)
         async with aclosing(self.events()) as events:
             async for index, event in events:
-                texts[index].append(event.text)
+                text, logprobs = self.with_echo(index, event)
+                texts[index].append(text)
+                if entries[index] is not None:
+                    entries[index] += logprobs or []
                 if event.finish_reason is not None:
                     finals[index] = event
                     _raise_if_failed(event)
-        results = [("".join(t), _finish_reason(f)) for t, f in zip(texts, finals)]
+        for index in list(self._echo_due):  # a choice that ended without an event: echo alone
+            texts[index].insert(0, self.echo[index])
+        results = [("".join(t), _finish_reason(f), e) for t, f, e in zip(texts, finals, entries)]
         body = self.fmt.response(self, results)
         body["usage"] = self.usage(sum(f.completion_tokens for f in finals))
         return JSONResponse(body)
@@ -353,7 +390,8 @@ async def _sse(run: _Run, first: tuple[int, StreamEvent], events: AsyncIterator[
     fmt = run.fmt
     completion_tokens = 0
     try:
-        templates = [_text_template(run, index) for index in range(len(run.choices))]
+        plain = not run.wants_logprobs and run.echo is None
+        templates = [_text_template(run, index) if plain else None for index in range(len(run.choices))]
         for index in range(len(run.choices)):
             for chunk in fmt.opening_chunks(run, index):
                 yield _data(chunk)
@@ -365,7 +403,8 @@ async def _sse(run: _Run, first: tuple[int, StreamEvent], events: AsyncIterator[
             if event.finish_reason in ("error", "abort", "timeout"):
                 yield _data(_stream_error(event))
                 continue
-            for chunk in fmt.chunks(run, index, event.text, event.finish_reason):
+            text, entries = run.with_echo(index, event)
+            for chunk in fmt.chunks(run, index, text, event.finish_reason, entries):
                 yield _data(chunk)
             if event.finish_reason is not None:
                 completion_tokens += event.completion_tokens
