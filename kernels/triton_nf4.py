@@ -196,7 +196,7 @@ def _num_sms(device_index: int) -> int:
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-               num_warps: int = 4, num_stages: int = 3, gemv: bool | None = None) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int | None = None, gemv: bool | None = None) -> torch.Tensor:
     # block_k: elements of K per loop iteration, a multiple of the NF4 block size (UNROLL blocks)
     """The fused kernel: (T, K) x -> (T, N) in x's dtype.
 
@@ -212,6 +212,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
     block_t = 1 if gemv else (16 if T <= 16 else (32 if T <= 32 else 64))
     block_n = block_n or (64 if gemv else (32 if T <= 16 else 64))
     block_k = block_k or max(w.blocksize, 256)
+    # fp32 tiles of 64 rows in three stages need 282 KB of shared memory (an H200 has 227 KB): two stages
+    num_stages = num_stages or (2 if x.dtype == torch.float32 and block_t >= 64 else 3)
     if block_k % w.blocksize:
         raise ValueError(f"block_k {block_k} is not a multiple of the NF4 block size {w.blocksize}")
     tiles = triton.cdiv(N, block_n) * triton.cdiv(T, block_t)

@@ -149,8 +149,12 @@ def test_default_batch_cap_captures_every_graph_and_serves():
     engine = Engine(model, StubTokenizer(), settings)
     assert engine.limits.max_num_seqs == 256 and engine.async_scheduling
     graphs = engine.runner.graphs
-    # three variants per shape: no LoRA, LoRA on the attention projections, LoRA everywhere
-    assert graphs.decode_sizes[-1] == 256 and len(graphs._graphs) == 3 * (len(graphs.decode_sizes) + len(graphs.mixed_sizes))
+    # five variants per shape: no LoRA, LoRA on the attention projections, LoRA everywhere, and the
+    # last two with DoRA's scaling (server/model/cuda_graphs.py)
+    shapes = [("decode", b) for b in graphs.decode_sizes] + [("mixed", t) for t in graphs.mixed_sizes]
+    assert graphs.decode_sizes[-1] == 256
+    assert set(graphs._graphs) == {(kind, size, lora) for kind, size in shapes
+                                   for lora in (None, "attention", "all", "attention_dora", "dora")}
     eager = _engine(torch.float32, enforce_eager=True, num_adapters=6)
     for i in range(6):
         rank = (8, 16)[i % 2]
