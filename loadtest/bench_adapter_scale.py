@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -30,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from loadtest.bench_run import REPO, child_env, device_and_name, device_slug, progress_printer
 from loadtest.server_process import start_bench_server
 
-REPO = Path(__file__).resolve().parent.parent
 RANKS = (8, 16, 32, 64)
 PREFIX = "cust-"
 
@@ -69,11 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.time_budget
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-scale-"))
-    started = time.monotonic()
-    say = lambda text: print(f"[{time.monotonic() - started:7.1f}s] {text}", flush=True)  # noqa: E731
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    say = progress_printer()
+    device, device_name = device_and_name()
     result: dict = {"command": " ".join(["python3", "loadtest/bench_adapter_scale.py", *(argv or sys.argv[1:])]),
-                    "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                    "device": device_name,
                     "setup": {"shape": args.shape, "ranks": list(RANKS), "target_modules": ["q_proj", "k_proj",
                               "v_proj", "o_proj"], "popularity": "zipf:1", "lengths": args.lengths,
                               "distinct_per_rank": args.distinct, "duration_s": args.duration,
@@ -118,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             result.setdefault("server", {})["exit_code"] = server.stop()
-        slug = result["device"].lower().replace("nvidia", "").strip().replace(" ", "_")
-        path = args.out / f"adapter_scale_{slug}.json"
+        path = args.out / f"adapter_scale_{device_slug(device_name)}.json"
         path.write_text(json.dumps(result, indent=2, default=str))
         say(f"wrote {path}")
         if args.workdir is None:
@@ -146,7 +143,7 @@ def _seed(args, root: Path, customers: list[str], cfg, base_name: str, say) -> d
     rng = random.Random(0)
     ranks = [rng.choice(RANKS) for _ in customers]
     content = [RANKS.index(r) * args.distinct + rng.randrange(args.distinct) for r in ranks]
-    gen_device = "cuda" if _cuda() else "cpu"
+    gen_device = device_and_name()[0]
 
     def make_files(c: int) -> tuple[bytes, bytes]:
         return peft_adapter_files(cfg, RANKS[c // args.distinct], QKVO, 5000 + c, gen_device, base_name)
@@ -163,21 +160,13 @@ def _seed(args, root: Path, customers: list[str], cfg, base_name: str, say) -> d
     return summary
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _loadtest(args, base_url: str, label: str, mode: list[str], out: Path) -> dict:
     """One `python -m loadtest run`, as an operator would type it."""
     command = [sys.executable, "-m", "loadtest", "run", "--url", base_url, *mode, "--tenant-prefix", PREFIX,
                "--popularity", "zipf:1", "--prompt-tokens", args.lengths, "--output-tokens", args.lengths,
                "--duration", str(args.duration), "--warmup", str(args.warmup), "--drain", str(args.drain),
                "--label", label, "--out", str(out), "--quiet"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    subprocess.run(command, cwd=REPO, env=env, timeout=args.duration + args.drain + 120, check=False)
+    subprocess.run(command, cwd=REPO, env=child_env(), timeout=args.duration + args.drain + 120, check=False)
     return json.loads(out.read_text())
 
 

@@ -32,11 +32,11 @@ import httpx
 
 from loadtest import serving_report as report
 from loadtest.admin_upload import upload_adapters
+from loadtest.bench_run import REPO, device_and_name, device_slug, progress_printer
 from loadtest.server_process import start_bench_server
 from loadtest.sse_client import LoadSpec, RequestRecord, random_prompt, run_clients, stream_completion
 from loadtest.sse_client import completion_body, touch_tenants
 
-REPO = Path(__file__).resolve().parent.parent
 CLIENTS_PER_PROCESS = 16
 WARMUP_S = 5.0  # of the baseline, before its window opens
 
@@ -62,16 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-upload-bench-"))
-    started = time.monotonic()
-    say = lambda text: print(f"[{time.monotonic() - started:7.1f}s] {text}", flush=True)  # noqa: E731
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    say = progress_printer()
+    device, device_name = device_and_name()
     result: dict = {"command": " ".join(["python3", "loadtest/bench_upload_under_load.py", *(argv or sys.argv[1:])]),
-                    "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                    "device": device_name,
                     "setup": {k: getattr(args, k) for k in ("shape", "initial", "new", "clients", "rank",
                                                             "prompt_tokens", "max_tokens", "first_tokens",
                                                             "baseline", "upload_window")}}
@@ -128,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         pool.terminate()
         if server is not None:
             result["server_exit_code"] = server.stop()
-        slug = result["device"].lower().replace("nvidia", "").strip().replace(" ", "_")
-        path = args.out / f"upload_under_load_{slug}.json"
+        path = args.out / f"upload_under_load_{device_slug(device_name)}.json"
         path.write_text(json.dumps(result, indent=2, default=str))
         say(f"wrote {path}")
         if args.workdir is None:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from loadtest.bench_run import REPO, child_env, device_and_name, device_slug, progress_printer
+
 TARGETS = {"peft_mixed": 100.0, "transformers_base": 5.0}
 
 
@@ -57,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from server.model.config import ModelConfig
 
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, device_name = device_and_name()
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-vs-peft-"))
-    started = time.monotonic()
-    say = lambda text: print(f"[{time.monotonic() - started:7.1f}s] {text}", flush=True)  # noqa: E731
+    say = progress_printer()
     result: dict = {"command": " ".join(["python3", "loadtest/bench_vs_peft.py", *(argv or sys.argv[1:])]),
                     "setup": {"shape": args.shape, "adapters": args.adapters, "rank": args.rank,
                               "target_modules": list(ALL_LINEAR), "batch": args.batch,
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--adapters", str(adapters), "--out", str(hf_json), "--batch", str(args.batch),
                              "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                              "--mixed-new-tokens", str(args.mixed_new_tokens)],
-                            cwd=REPO, env=_env(), timeout=args.hf_timeout)
+                            cwd=REPO, env=child_env(), timeout=args.hf_timeout)
         result["hf"] = json.loads(hf_json.read_text()) if hf.returncode == 0 and hf_json.is_file() else \
             {"error": f"exit code {hf.returncode}"}
 
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "--duration", str(args.duration), "--warmup", str(args.warmup),
                                   "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.new_tokens),
                                   "--time-budget", str(args.serving_budget), "--workdir", str(workdir / "serving")],
-                                 cwd=REPO, env=_env(), timeout=args.serving_budget + 60)
+                                 cwd=REPO, env=child_env(), timeout=args.serving_budget + 60)
         serving_json = next(serving_out.glob(f"serving_bench_{args.shape}_*.json"), None)
         result["loraplex"] = json.loads(serving_json.read_text()) if serving_json else \
             {"error": f"exit code {serving.returncode}"}
@@ -106,18 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(result["comparison"]), flush=True)
         return 0
     finally:
-        name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-        path = args.out / f"vs_peft_{name.lower().replace('nvidia', '').strip().replace(' ', '_')}.json"
+        path = args.out / f"vs_peft_{device_slug(device_name)}.json"
         path.write_text(json.dumps(result, indent=2, default=str))
         say(f"wrote {path}")
         if args.workdir is None and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def compare(hf: dict, loraplex: dict) -> list[dict]:
