@@ -69,7 +69,7 @@ RESPONSE_FORMAT = {"anyOf": [_NULL, {  # only what the server checks (schemas.Ge
     "type": "object", "description": "structured output: text (the default type), any JSON object, or JSON "
     "fitting json_schema.schema ({} when absent); a schema the grammar engine cannot compile is a 400",
     "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
-                   "json_schema": {"type": "object", "properties": {"schema": {"type": "object"}}}}}]}
+                   "json_schema": {"anyOf": [_NULL, {"type": "object", "properties": {"schema": {"type": "object"}}}]}}}]}
 UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["adapter_config", "adapter_model"],
     "properties": {"adapter_config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
