@@ -51,7 +51,7 @@ SHAPES = {"llama2-7b": LLAMA2_7B, "llama2-70b": LLAMA2_70B, "tiny": TINY}
 BATCHES = (1, 16, 64)
 TENANTS, RANK, PROMPT, DECODE_STEPS, WARM_STEPS = 100, 16, 128, 32, 3
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-TUNED_SHAPES = ("7b qkv", "70b down")  # --tune sweeps these two (24 configs x 3 row counts each: minutes of compiles)
+TUNED_SHAPES = ("7b qkv", "70b down")  # --tune sweeps these two (about 30 configs each: a minute or two of compiles)
 ITL_TARGET_S = {"llama2-70b": 0.100}  # the design problem's bound, at 64 concurrent with 100 tenants
 
 
@@ -189,7 +189,7 @@ def kernel_rows(bandwidth: float, tune: bool) -> list[dict]:
         nf4, fp8 = quantize_nf4(dense), quantize_fp8(dense)
         bnb = bnb_functional.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4") \
             if bnb_functional is not None else None
-        for tokens in (1, 16, 64, 128, 256):
+        for tokens in (1, 4, 16, 64, 128, 256):
             x = torch.randn(tokens, k, device="cuda").bfloat16()
             cases = {"nf4_fused": lambda: nf4_matmul(x, nf4),
                      "nf4_fused_tensor_cores": lambda: nf4_matmul(x, nf4, gemv=False),
@@ -215,25 +215,27 @@ def kernel_rows(bandwidth: float, tune: bool) -> list[dict]:
 
 
 def tune_fused(nf4, k: int, bandwidth: float, name: str) -> list[dict]:
-    """Launch configurations of the fused kernel at 1, 16 and 64 rows: the best ones per row count."""
+    """Launch configurations of the fused kernels: the GEMV at 1 row, the tensor-core kernel at 16 and
+    64; the best three per row count. Only configurations whose tiles fit (no out-of-resources
+    failures, which would leave the CUDA context unusable for the rest of the run)."""
     from kernels.triton_nf4 import nf4_matmul
 
+    sweeps = {1: [dict(gemv=True, block_n=bn, block_k=bk, num_warps=nw)
+                  for bn in (8, 16, 32) for bk in (256, 512) for nw in (4, 8) if bn * bk <= 8192],
+              16: [dict(gemv=False, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                   for bn in (32, 64, 128) for bk in (128, 256) for nw in (4,) for ns in (2, 3)],
+              64: [dict(gemv=False, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                   for bn in (64, 128) for bk in (128, 256) for nw in (4, 8) for ns in (2,)]}
     best = []
-    for tokens in (1, 16, 64):
+    for tokens, configs in sweeps.items():
         x = torch.randn(tokens, k, device="cuda").bfloat16()
         results = []
-        for block_n in (32, 64, 128):
-            for block_k in (256, 512):
-                for num_warps in (4, 8):
-                    for num_stages in (3, 4):
-                        for split_k in (None,):
-                            config = dict(block_n=block_n, block_k=block_k, num_warps=num_warps,
-                                          num_stages=num_stages, split_k=split_k)
-                            try:
-                                t = _graph_time(lambda: nf4_matmul(x, nf4, **config), calls=10)
-                            except Exception:  # noqa: BLE001 - out of resources: not a candidate
-                                continue
-                            results.append((t, config))
+        for config in configs:
+            try:
+                t = _graph_time(lambda: nf4_matmul(x, nf4, **config), calls=10)
+            except Exception:  # noqa: BLE001 - out of resources: not a candidate
+                continue
+            results.append((t, config))
         results.sort(key=lambda r: r[0])
         for t, config in results[:3]:
             best.append({"tune": name, "tokens": tokens, "s": t, "bandwidth_fraction": nf4.nbytes / t / bandwidth,

@@ -22,7 +22,7 @@ import os
 import pytest
 import torch
 
-from kernels.nf4 import (NF4_CODE, NF4FormatError, NF4Weight, dequantize_absmax, dequantize_nf4, dynamic_map,
+from kernels.nf4 import (NF4_CODE, NF4FormatError, NF4Weight, dequantize_absmax, dequantize_nf4, dequantize_nf4_compute, dynamic_map,
                          nf4_linear_reference, quantize_nf4)
 
 if not torch.cuda.is_available():
@@ -114,6 +114,23 @@ def test_linear_reference_is_dequantize_then_matmul():
     # and the quantization error is NF4's: small against the weights, never zero
     error = (dequantize_nf4(q) - w).abs().max() / w.abs().max()
     assert 0 < error < 0.2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_kernels_16_bit_decode_is_within_two_ulps_of_bitsandbytes(dtype):
+    """dequantize_nf4_compute (the Triton kernels' decode: code book and absmax rounded to the model
+    dtype, their product rounded once, as bitsandbytes' own 4-bit inference kernel computes it) is
+    bitsandbytes' dequantize_4bit for fp32; in 16 bits within two ulps of its float32 product (three
+    roundings against one: about a quarter of the weights land one ulp from bitsandbytes' own
+    rounding, which shows the check compares two different computations)."""
+    q = quantize_nf4(_weight((96, 512), dtype, seed=3))
+    ours, exact = dequantize_nf4_compute(q, dtype).float(), dequantize_nf4(q, torch.float32)
+    if dtype == torch.float32:
+        assert torch.equal(ours, exact)
+        return
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=1e-30))))
+    assert (ours - exact).abs().le(2 * ulp).all()
+    assert (ours != dequantize_nf4(q, dtype).float()).any()
 
 
 def test_widths_that_are_not_whole_blocks_are_refused():

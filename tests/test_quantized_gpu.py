@@ -12,7 +12,7 @@ pytestmark = [
 ]
 
 from kernels.fp8 import fp8_linear, fp8_linear_reference, quantize_fp8  # noqa: E402
-from kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4  # noqa: E402
+from kernels.nf4 import NF4Weight, dequantize_nf4_compute, quantize_nf4  # noqa: E402
 from kernels.triton_nf4 import nf4_dequantize, nf4_linear, nf4_matmul  # noqa: E402
 from loadtest.random_model import StubTokenizer, random_adapter, random_quantized_model  # noqa: E402
 from server.config import Settings  # noqa: E402
@@ -38,7 +38,7 @@ def _nf4(rows, k, seed=0):
 @pytest.mark.parametrize("rows,k", SHAPES)
 def test_nf4_dequantize_kernel_is_bit_for_bit(rows, k):
     w = _nf4(rows, k)
-    assert torch.equal(nf4_dequantize(w, torch.bfloat16), dequantize_nf4(w, torch.bfloat16))
+    assert torch.equal(nf4_dequantize(w, torch.bfloat16), dequantize_nf4_compute(w, torch.bfloat16))
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 16, 64, 200])
@@ -46,7 +46,7 @@ def test_nf4_dequantize_kernel_is_bit_for_bit(rows, k):
 def test_nf4_linear_equals_dequantize_then_matmul(rows, k, tokens):
     w = _nf4(rows, k, seed=tokens)
     x = torch.randn(tokens, k, device="cuda").bfloat16()
-    expected = x.float() @ dequantize_nf4(w, torch.bfloat16).float().T
+    expected = x.float() @ dequantize_nf4_compute(w, torch.bfloat16).float().T
     got = nf4_linear(x, w).float()
     # bf16 output: one rounding of an fp32 sum over K terms in another order
     torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2 * expected.abs().max().item())
