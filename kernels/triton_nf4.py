@@ -319,11 +319,11 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
         raise ValueError(f"x of shape {tuple(x.shape)} (unit stride in K) does not fit an NF4 weight of {w.shape}")
     gemv = T == 1 if gemv is None else gemv
     block_t = 1 if gemv else (16 if T <= 16 else (32 if T <= 32 else 64))
-    block_n = block_n or (16 if gemv else 64)
-    block_k = block_k or max(w.blocksize, 256)
+    # defaults: the best of loadtest/bench_quantized.py --kernels --tune on an H200 (7B qkv, 70B down)
+    block_n = block_n or (16 if gemv else (128 if T <= 16 else 64))
+    block_k = block_k or max(w.blocksize, 256 if gemv else 128)
     num_warps = num_warps or 4
-    # fp32 tiles of 64 rows in three stages need 282 KB of shared memory (an H200 has 227 KB): two stages
-    num_stages = num_stages or (2 if x.dtype == torch.float32 and block_t >= 64 else 3)
+    num_stages = num_stages or 2
     if block_k % w.blocksize:
         raise ValueError(f"block_k {block_k} is not a multiple of the NF4 block size {w.blocksize}")
     tiles = triton.cdiv(N, block_n) * triton.cdiv(T, block_t)
