@@ -101,6 +101,7 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, default=480.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra `loraplex serve` flags")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-structured", action="store_true", help="the chat phases only (prefix caching on and off)")
     args = p.parse_args(argv)
     if args.tokenizer is None:
         from server.config import Settings
@@ -170,7 +171,7 @@ def run(args, workdir: Path, result: dict, start: float) -> int:
                 chat = _phase(args, pool, f"chat_cache_{caching}", server.base_url, model, "chat",
                               args.chat_concurrency, tenants, token_range, deadline, start)
                 result["phases"][chat["name"]] = chat
-                if caching == "on":
+                if caching == "on" and not args.skip_structured:
                     for kind in ("free", "json"):
                         phase = _phase(args, pool, f"structured_{kind}", server.base_url, model, kind,
                                        args.structured_concurrency, (), token_range, deadline, start)
@@ -241,7 +242,12 @@ def _phase(args, pool, name, base_url, model, kind, concurrency, tenants, token_
     out = {"name": name, "kind": kind, "concurrency": concurrency, **report.summarize_requests(records, (w0, w1))}
     out["server"] = {key: after.get(key, 0) - before.get(key, 0) for key in (
         "loraplex_prefix_cache_queries_total", "loraplex_prefix_cache_hits_total",
-        "loraplex_engine_step_batched_tokens_sum", "loraplex_engine_steps_total")} if before and after else None
+        "loraplex_engine_step_batched_tokens_sum", "loraplex_engine_steps_total",
+        # where a TTFT goes, as the server sees it: its own TTFT, the queue, the steps (sums and counts)
+        "loraplex_time_to_first_token_seconds_sum", "loraplex_time_to_first_token_seconds_count",
+        "loraplex_request_queue_time_seconds_sum", "loraplex_request_queue_time_seconds_count",
+        "loraplex_engine_step_duration_seconds_sum", "loraplex_engine_step_duration_seconds_count")} \
+        if before and after else None
     log(start, "  " + report.phase_line(out))
     return out
 
@@ -341,6 +347,15 @@ def _table(result: dict) -> str:
         lines.append(f"{name:22} {p['output_tokens_per_s']:8.0f} {p['requests_per_s']:7.1f} "
                      f"{report.fmt_ms(_p50(p, 'ttft_s')):>9} {report.fmt_ms((p.get('ttft_s') or {}).get('p99')):>9} "
                      f"{report.fmt_ms(_p50(p, 'tpot_s')):>9} {hits:>12} {sum(p['errors'].values()):7d}")
+    for name, p in result["phases"].items():  # the server's view of the same window (means)
+        server = p.get("server") or {}
+        means = {label: server.get(f"{metric}_sum", 0) / server[f"{metric}_count"]
+                 for label, metric in (("TTFT", "loraplex_time_to_first_token_seconds"),
+                                       ("queue", "loraplex_request_queue_time_seconds"),
+                                       ("step", "loraplex_engine_step_duration_seconds"))
+                 if server.get(f"{metric}_count")}
+        if means:
+            lines.append(f"server, {name}: " + ", ".join(f"{k} mean {report.fmt_ms(v)}" for k, v in means.items()))
     for t in result.get("targets", []):
         lines.append(f"target: {t['name']} = {t['value']:.2f} ({t['target']}): {'MET' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
