@@ -107,6 +107,44 @@ def test_echo_returns_the_prompt_and_its_teacher_forced_logprobs(server, referen
     assert plain.choices[0].logprobs is None
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(server, reference, stream):
+    """How evaluation harnesses score a text (lm-eval's loglikelihood): echo, logprobs, max_tokens 0.
+    The answer is the prompt, each of its tokens with peft's teacher-forced log-probability, no
+    completion token (usage says 0), finish_reason length."""
+    ids = reference["prompt_ids"]
+    _, expected = _teacher_forced(reference["acme"], ids, 0)
+    kwargs = dict(model="acme", prompt=PROMPT, max_tokens=0, temperature=0, logprobs=1, echo=True)
+    client = _client(server, "acme")
+    if stream:
+        text, tokens, logprobs, finish = "", [], [], None
+        for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
+                if choice.logprobs is not None:
+                    tokens += choice.logprobs.tokens
+                    logprobs += choice.logprobs.token_logprobs
+            usage = chunk.usage or None
+    else:
+        response = client.completions.create(**kwargs)
+        choice = response.choices[0]
+        text, tokens, logprobs, finish = choice.text, choice.logprobs.tokens, choice.logprobs.token_logprobs, \
+            choice.finish_reason
+        usage = response.usage
+    assert text == PROMPT
+    assert tokens == [reference["tokenizer"].decode([t]) for t in ids]
+    assert logprobs[0] is None
+    assert logprobs[1:] == pytest.approx([expected[j - 1, ids[j]].item() for j in range(1, len(ids))], abs=ATOL)
+    assert finish == "length"
+    assert usage.completion_tokens == 0 and usage.prompt_tokens == len(ids)
+    # without echo: an empty completion; a negative max_tokens is still refused
+    empty = client.completions.create(model="acme", prompt=PROMPT, max_tokens=0)
+    assert empty.choices[0].text == "" and empty.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="acme", prompt=PROMPT, max_tokens=-1)
+
+
 def test_streamed_logprobs_equal_the_whole_response(server, reference):
     client = _client(server)
     kwargs = dict(model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=N, temperature=0, logprobs=2, echo=True,

@@ -92,6 +92,8 @@ class GenerationFields(BaseModel):
 
 class CompletionRequest(GenerationFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    # 0: no completion, the prompt alone (with echo and logprobs, how evaluation harnesses score it)
+    max_tokens: int | None = Field(None, ge=0)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1)

@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import AsyncIterator
 
@@ -96,12 +96,14 @@ async def create_completion(body: CompletionRequest, http: Request, tenant: Tena
     if not prompts:
         raise BadRequest("prompt is empty", param="prompt")
     prompt_ids = await _tokenize(lambda: [service.completion_prompt_ids(p) for p in prompts])
-    max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+    max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     echo = None
     if body.echo:
         echo = await asyncio.to_thread(lambda: [p if isinstance(p, str) else service.decode(p) for p in prompts])
-    return await _serve(http, tenant, customer, service, body, prompt_ids, max_tokens, TextCompletionFormat(),
-                        arrived_at, echo)
+    # max_tokens 0 scores the prompt: the engine samples the one token a prefill ends with, which
+    # no answer shows (the prompt's log-probabilities are those of the same forward)
+    return await _serve(http, tenant, customer, service, body, prompt_ids, max(1, max_tokens), TextCompletionFormat(),
+                        arrived_at, echo, prompt_only=max_tokens == 0)
 
 
 @router.post("/v1/chat/completions")
@@ -130,8 +132,9 @@ async def _tokenize(work) -> list[list[int]]:
 
 async def _serve(http: Request, tenant: Tenant, customer: str | None, service: Service, body: GenerationFields,
                  prompt_ids: list[list[int]], max_tokens: int, fmt: ResponseFormat, arrived_at: float,
-                 echo: list[str] | None = None) -> Response:
-    """`echo`: per prompt, its text to put before each of its choices' text (completions' echo)."""
+                 echo: list[str] | None = None, prompt_only: bool = False) -> Response:
+    """`echo`: per prompt, its text to put before each of its choices' text (completions' echo).
+    `prompt_only`: no completion token in the answer (completions' max_tokens 0)."""
     if not service.loop.is_alive:
         raise ServiceUnavailable("the engine loop is not running", code="engine_stopped")
     where = "messages" if isinstance(fmt, ChatFormat) else "prompt"
@@ -167,7 +170,7 @@ async def _serve(http: Request, tenant: Tenant, customer: str | None, service: S
     run = _Run(service, metrics, key, choices, fmt, customer or service.model.name,
                usage_in_stream=bool(body.stream_options and body.stream_options.include_usage), arrived_at=arrived_at,
                ticket=ticket, wants_logprobs=body.logprob_counts()[0] is not None,
-               echo=[echo[p] for p, _ in choices] if echo is not None else None)
+               echo=[echo[p] for p, _ in choices] if echo is not None else None, prompt_only=prompt_only)
     try:
         if body.stream:
             return await _stream_response(run)
@@ -216,6 +219,7 @@ class _Run:
     ticket: Ticket | None = None  # admission: queued until the first event, counted until release
     wants_logprobs: bool = False
     echo: list[str] | None = None  # per choice: the prompt's text, put before its own (completions' echo)
+    prompt_only: bool = False  # max_tokens 0: the sampled token is dropped from every event
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     _released: bool = False
@@ -251,6 +255,8 @@ class _Run:
         try:
             async with aclosing(_merge(streams)) as merged:
                 async for index, event in merged:
+                    if self.prompt_only:
+                        event = _without_completion(event)
                     if self.ticket is not None:
                         self.ticket.started()  # its prompt went through: no longer queued
                     observations[index].on_tokens(len(event.token_ids))
@@ -286,6 +292,15 @@ class _Run:
         body = self.fmt.response(self, results)
         body["usage"] = self.usage(sum(f.completion_tokens for f in finals))
         return JSONResponse(body)
+
+
+def _without_completion(event: StreamEvent) -> StreamEvent:
+    """The event as a request of max_tokens 0 sees it: no completion text, tokens or their
+    log-probabilities (the prompt's stay); it ends at its length limit, unless it failed."""
+    finish = event.finish_reason
+    if finish in ("stop", "length"):
+        finish = "length"
+    return replace(event, text="", token_ids=[], logprobs=None, completion_tokens=0, finish_reason=finish)
 
 
 async def _merge(streams: list[AsyncIterator[StreamEvent]]) -> AsyncIterator[tuple[int, StreamEvent]]:
