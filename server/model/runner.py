@@ -193,12 +193,25 @@ class ModelRunner:
         Triton compiles and cuBLAS chooses now); without graphs, run prefill and mixed steps of a
         few shapes, with and without adapter slots, for the same reason. The steps write scratch
         keys/values into free KV blocks, which nothing reads."""
+        budget = self.buffers.max_tokens
         if capture_graphs and self.device.type == "cuda":
             self.capture_graphs(self.buffers.max_seqs)
-            return
+            # Steps no graph fits run eagerly, and short prefills among decodes (a prompt's tail
+            # after a prefix-cache hit, a user turn) take smaller attention tiles than any graph:
+            # compile those variants now (all_logits forces the eager path). Found on an H200: a
+            # first wave of 32 cached-prefix requests waited 3.7 s for their first tokens.
+            self._warm_up_eagerly([[1, 1, n, n] for n in (3, 12, 24, 48, 96) if 2 + 2 * n <= budget],
+                                  all_logits=True)
+        else:
+            self._warm_up_eagerly([[min(512, budget)], [min(128, budget // 8)] * 8,
+                                   [1] * 4 + [min(256, budget - 4)]])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _warm_up_eagerly(self, shapes: list[list[int]], all_logits: bool = False) -> None:
+        """Run a step of each shape (query lengths of its sequences), with and without adapter slots."""
         num_slots = self.num_lora_slots
-        budget, bs = self.buffers.max_tokens, self.block_size
-        shapes = [[min(512, budget)], [min(128, budget // 8)] * 8, [1] * 4 + [min(256, budget - 4)]]
+        bs = self.block_size
         for lengths in shapes:
             for with_lora in (False, True) if num_slots else (False,):
                 chunks, next_block = [], 0
@@ -210,9 +223,7 @@ class ModelRunner:
                                                 lora_slot=i % num_slots if with_lora else -1))
                     next_block += blocks
                 if chunks:
-                    self.run(chunks)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+                    self.run(chunks, all_logits=all_logits)
 
     def capture_graphs(self, max_batch_size: int) -> None:
         """Capture the step for decode and mixed shapes (CUDA only; see cuda_graphs.py)."""
