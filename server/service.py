@@ -295,7 +295,8 @@ class Service:
                 "adapter_model is a pickled PyTorch file (adapter_model.bin), which is never loaded: upload "
                 "adapter_model.safetensors (peft's save_pretrained(..., safe_serialization=True))", "adapter_model")
         return load_peft_adapter(config_bytes, weights_bytes, self.model_config,
-                                 max_rank=self.settings.max_lora_rank, max_bytes=self.upload_limit)
+                                 max_rank=self.settings.max_lora_rank, max_bytes=self.upload_limit,
+                                 allowed_modules=self.settings.restricted_lora_modules())
 
     def put_adapter(self, customer_id: str, config_bytes: bytes, weights_bytes: bytes,
                     recipe: dict | None = None) -> AdapterRecord:

@@ -206,3 +206,36 @@ def test_the_pool_knows_which_projections_each_slot_targets():
     assert pool.projections_of({2}) == frozenset()
     pool.clear(1)
     assert pool.projections_of({0, 1}) == {"qkv_proj"}
+
+
+def test_a_pool_of_attention_modules_only_holds_attention_rows_and_refuses_mlp_adapters():
+    """LORAPLEX_LORA_MODULES=attention: the MLP projections carry no LoRA and the pool weighs what
+    their rows would have added less; a q,k,v,o adapter's slot holds its tensors exactly; an
+    adapter on the MLP is refused with the setting's name."""
+    model = _model()
+    attention = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+    full = AdapterPool(_model(), max_adapters=4, max_rank=8)
+    pool = AdapterPool(model, max_adapters=4, max_rank=8, modules=attention)
+    assert {name for _, name, proj in model.projections() if proj.lora is not None} == {"qkv_proj", "o_proj"}
+    c = model.config
+
+    def row_elements(names):  # A's and B's elements per rank row, over the layers' projections of `names`
+        return sum(proj.in_features * len(proj.out_sizes) + sum(proj.out_sizes)
+                   for _, name, proj in model.projections() if name in names)
+
+    def pool_rows(p):
+        return sum(g.numel() for g in p._groups.values())
+
+    attention_part = row_elements({"qkv_proj", "o_proj"}) / row_elements(set(PROJECTION_SLICES))
+    assert pool_rows(pool) == pytest.approx(pool_rows(full) * attention_part, rel=1e-9)
+    assert pool.nbytes < full.nbytes
+    adapter = random_adapter(c, rank=8, seed=3, modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    pool.load(2, adapter)
+    for (layer, module), weights in adapter.modules.items():
+        name = next(n for n, ms in PROJECTION_SLICES.items() if module in ms)
+        proj = dict(((l, n), p) for l, n, p in model.projections())[(layer, name)]
+        i = PROJECTION_SLICES[name].index(module)
+        torch.testing.assert_close(proj.lora.lora_a[i][2, :8], weights.lora_a, rtol=0, atol=0)
+        torch.testing.assert_close(proj.lora.lora_b[i][2, :, :8], weights.lora_b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="LORAPLEX_LORA_MODULES"):
+        pool.load(0, random_adapter(c, rank=4, seed=4, modules=("q_proj", "down_proj")))

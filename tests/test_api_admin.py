@@ -154,6 +154,24 @@ def test_adapters_that_do_not_fit_the_base_model_are_refused(server, http, store
     assert _store_listing(server) == before
 
 
+def test_a_server_of_attention_adapters_refuses_one_on_the_mlp(default_model_dir, model_config, tmp_path):
+    """LORAPLEX_LORA_MODULES=attention: an upload targeting the MLP is a 400 that names the setting
+    (nothing stored); one on q and v is stored and serves."""
+    settings = Settings.from_env(device="cpu", max_num_seqs=2, num_kv_blocks=32, max_model_len=256, max_loras=2,
+                                 max_lora_rank=MAX_RANK, admin_token=ADMIN_TOKEN, lora_modules="attention",
+                                 adapter_store=str(tmp_path / "adapters"))
+    with BackgroundServer(create_app(settings)) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+        config, weights = adapter_files(model_config, rank=4)
+        mlp_config = json.dumps({**json.loads(config), "target_modules": ["q_proj", "v_proj", "down_proj"]}).encode()
+        _assert_error(_put(client, "acme", mlp_config, weights), 400, "down_proj", "LORAPLEX_LORA_MODULES")
+        assert client.get("/admin/adapters/acme", headers=AUTH).status_code == 404
+        assert _put(client, "acme", config, weights).status_code == 201
+        answer = client.post("/v1/completions", headers={"X-Customer-Id": "acme"},
+                             json={"model": "acme", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 3
+
+
 def test_pickle_and_malformed_multipart_are_refused(server, http, stored, model_config):
     before = _store_listing(server)
     config, weights = adapter_files(model_config)

@@ -24,3 +24,14 @@ def test_the_blas_choice_leaves_a_cpu_process_alone():
     before = torch.backends.cuda.preferred_blas_library()
     select_blas_library("cublaslt", torch.device("cpu"))
     assert torch.backends.cuda.preferred_blas_library() == before
+
+
+def test_lora_modules_name_groups_or_modules_and_refuse_others():
+    assert Settings.from_env({}).restricted_lora_modules() is None  # all: nothing to restrict
+    attention = Settings.from_env({"LORAPLEX_LORA_MODULES": "attention"}).restricted_lora_modules()
+    assert attention == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    mixed = Settings.from_env({"LORAPLEX_LORA_MODULES": "q_proj, v_proj,mlp"}).restricted_lora_modules()
+    assert mixed == {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+    assert Settings.from_env({"LORAPLEX_LORA_MODULES": "attention,mlp"}).restricted_lora_modules() is None
+    with pytest.raises(ValueError, match="lora_modules: 'lm_head'"):
+        Settings.from_env({"LORAPLEX_LORA_MODULES": "attention,lm_head"})

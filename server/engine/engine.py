@@ -43,7 +43,7 @@ from server.engine.sampler import sample
 from server.engine.scheduler import AdapterResidency, ScheduledChunk, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
 from server.lora.adapter import LoRAAdapter
-from server.lora.pool import PAGE_RANK, AdapterPool
+from server.lora.pool import PAGE_RANK, AdapterPool, pool_projections
 from server.lora.registry import InMemoryAdapters
 from server.model.kv_cache import KVCache
 from server.model.llama import LlamaModel
@@ -112,7 +112,7 @@ class Engine:
         cfg = model.config
         # the adapter pool first: on the GPU the KV cache takes what memory is left
         max_loras = settings.max_loras or _auto_lora_slots(settings, model, self.device)
-        self.pool = AdapterPool(self.model, max_loras, settings.max_lora_rank)
+        self.pool = AdapterPool(self.model, max_loras, settings.max_lora_rank, settings.restricted_lora_modules())
         self.limits = _limits(settings, cfg, self.dtype, self.device, max_loras, self.pool.num_pages)
         self.kv_cache = KVCache(
             cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
@@ -469,13 +469,14 @@ def _auto_lora_slots(settings: Settings, model: LlamaModel, device: torch.device
     64, four times as many rank-16 ones fit (S-LoRA-style: hundreds resident)."""
     if device.type != "cuda":
         return 8
+    projections = pool_projections(model, settings.restricted_lora_modules())
     per_slot = sum(
         settings.max_lora_rank * (proj.in_features * len(proj.out_sizes) + sum(proj.out_sizes))
-        for _, _, proj in model.projections()
+        for _, _, proj in projections
     ) * model.embed_tokens.weight.element_size()
     # DoRA factors: a float32 per output channel for each of the adapter's pages
     pages = -(-settings.max_lora_rank // min(PAGE_RANK, settings.max_lora_rank))
-    per_slot += pages * 4 * sum(sum(proj.out_sizes) for _, _, proj in model.projections())
+    per_slot += pages * 4 * sum(sum(proj.out_sizes) for _, _, proj in projections)
     total = torch.cuda.get_device_properties(device).total_memory
     return max(8, min(MAX_AUTO_LORA_SLOTS, int(settings.lora_memory_fraction * total) // per_slot))
 

@@ -165,11 +165,18 @@ class ModuleSpec:
 
 
 def check_adapter_tensors(
-    cfg: dict, tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], model: ModelConfig, *, max_rank: int
+    cfg: dict, tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], model: ModelConfig, *, max_rank: int,
+    allowed_modules: frozenset[str] | None = None,
 ) -> list[ModuleSpec]:
     """Every check of `load_peft_adapter` that needs no tensor values, on a parsed config and each
-    tensor's (dtype, shape): targets, ranks, missing or unexpected keys, dtypes and shapes."""
+    tensor's (dtype, shape): targets (within `allowed_modules`, the modules this server's adapter
+    pool holds; None: any), ranks, missing or unexpected keys, dtypes and shapes."""
     targets = _targeted_linears(cfg, model)
+    if allowed_modules is not None:
+        outside = sorted({short for _, short in targets.values()} - allowed_modules)
+        if outside:
+            raise _fail("target_modules", f"the adapter targets {', '.join(outside)}, which this server does not "
+                        f"serve adapters on (LORAPLEX_LORA_MODULES: {', '.join(sorted(allowed_modules))})")
     suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if cfg["use_dora"] else ())
     key_names = {name: tuple(f"{_KEY_PREFIX}{name}.{suffix}" for suffix in suffixes) for name in targets}
     expected_keys = {key for keys in key_names.values() for key in keys}
@@ -221,14 +228,16 @@ def max_adapter_upload_bytes(model: ModelConfig, max_rank: int) -> int:
 def load_peft_adapter(
     config: bytes | str | dict | Path, weights: bytes | Path, model: ModelConfig, *,
     max_rank: int, dtype: torch.dtype = torch.float32, max_bytes: int | None = None,
+    allowed_modules: frozenset[str] | None = None,
 ) -> LoRAAdapter:
-    """Validate a PEFT LoRA adapter against `model` and return it with tensors cast to `dtype`."""
+    """Validate a PEFT LoRA adapter against `model` (and the modules this server serves adapters
+    on: `allowed_modules`, None = any) and return it with tensors cast to `dtype`."""
     if isinstance(config, os.PathLike):
         config = Path(config).read_bytes()
     cfg = parse_adapter_config(config)
     tensors = _read_weights(weights, max_bytes)
     specs = check_adapter_tensors(cfg, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, model,
-                                  max_rank=max_rank)
+                                  max_rank=max_rank, allowed_modules=allowed_modules)
     modules: dict[tuple[int, str], LoRAModuleWeights] = {}
     for spec in specs:
         for key in (spec.a_key, spec.b_key, spec.m_key):

@@ -80,9 +80,18 @@ class SlotPlan:
     dora_modules: tuple[tuple[int, str, int, int, int, float], ...] = ()
 
 
+def pool_projections(model: LlamaModel, modules: frozenset[str] | None = None) -> list:
+    """(layer, name, projection) of every fused projection the pool holds rows for: those with a
+    slice among `modules` (PEFT names; None: every module). The others carry no LoRA."""
+    return [(layer, name, proj) for layer, name, proj in model.projections()
+            if modules is None or modules.intersection(PROJECTION_SLICES[name])]
+
+
 class AdapterPool:
-    def __init__(self, model: LlamaModel, max_adapters: int, max_rank: int):
-        """Room for `max_adapters` adapters of `max_rank` at once (more of smaller ranks)."""
+    def __init__(self, model: LlamaModel, max_adapters: int, max_rank: int, modules: frozenset[str] | None = None):
+        """Room for `max_adapters` adapters of `max_rank` at once (more of smaller ranks), with rows
+        for the projections of `modules` only (None: all; LORAPLEX_LORA_MODULES)."""
+        self.modules = modules
         self.max_rank = max_rank
         self.page_rank = min(PAGE_RANK, max_rank)
         self.max_block = block_pages(-(-max_rank // self.page_rank))  # pages of a max-rank adapter
@@ -102,7 +111,7 @@ class AdapterPool:
         self._slice_of = {m: (self._proj_index[name], i)
                           for name, ms in PROJECTION_SLICES.items() for i, m in enumerate(ms)}
 
-        projections = list(model.projections())
+        projections = pool_projections(model, modules)
         # DoRA factors of every projection side by side: (pages, total width); 1 = no DoRA module
         widths = [sum(proj.out_sizes) for _, _, proj in projections]
         self._dora_factors = torch.ones(num_pages, sum(widths), dtype=torch.float32, device=self.device)
@@ -247,6 +256,9 @@ class AdapterPool:
             key = (group.kind, group.width)
             for layer, module, rank in group.members:
                 member_group, j = self._member.get((group.kind, layer, module), (None, 0))
+                if self.modules is not None and module not in self.modules:
+                    raise ValueError(f"the adapter targets {module}, which this server's adapter pool holds no rows "
+                                     f"for (LORAPLEX_LORA_MODULES: {', '.join(sorted(self.modules))})")
                 if member_group != key:
                     raise ValueError(f"the adapter's {module} of layer {layer} ({group.kind.upper()} rows of width "
                                      f"{group.width}) fits no slice of this model")
