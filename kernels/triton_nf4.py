@@ -63,8 +63,14 @@ def _decode_asm(dtype: torch.dtype) -> str:
     lo = [word([b & 0xFF for b in bits[4 * i:4 * i + 4]]) for i in range(4)]
     hi = [word([b >> 8 for b in bits[4 * i:4 * i + 4]]) for i in range(4)]
     fma = {torch.bfloat16: "fma.rn.bf16x2", torch.float16: "fma.rn.f16x2"}[dtype]
-    L = [f"{v:#010x}" for v in lo]
-    H = [f"{v:#010x}" for v in hi]
+    planes = {"l": [f"{v:#010x}" for v in lo], "h": [f"{v:#010x}" for v in hi]}
+    # per plane (low, high bytes) and half of the word (selector s: bytes 0-1, s16: bytes 2-3): the
+    # four codes' bytes from the book's first and second halves, then the half the mask picks
+    lookups = "\n".join(
+        f"prmt.b32 t0, {planes[p][0]}, {planes[p][1]}, {sel};\n"
+        f"prmt.b32 t1, {planes[p][2]}, {planes[p][3]}, {sel};\n"
+        f"lop3.b32 p{p}{half}, t0, t1, m{half}, 0xD8;"
+        for half, sel in ((0, "s"), (1, "s16")) for p in "lh")
     return f"""{{
 .reg .b32 z, sh4, s, s16, m0, m1, t0, t1, pl0, ph0, pl1, ph1, w0, w1, w2, w3;
 mov.b32 z, 0x80008000;
@@ -73,18 +79,7 @@ prmt.b32 m0, sh4, $4, 0xD9C8;
 prmt.b32 m1, sh4, $4, 0xFBEA;
 and.b32 s, $4, 0x77777777;
 shr.u32 s16, s, 16;
-prmt.b32 t0, {L[0]}, {L[1]}, s;
-prmt.b32 t1, {L[2]}, {L[3]}, s;
-lop3.b32 pl0, t0, t1, m0, 0xD8;
-prmt.b32 t0, {H[0]}, {H[1]}, s;
-prmt.b32 t1, {H[2]}, {H[3]}, s;
-lop3.b32 ph0, t0, t1, m0, 0xD8;
-prmt.b32 t0, {L[0]}, {L[1]}, s16;
-prmt.b32 t1, {L[2]}, {L[3]}, s16;
-lop3.b32 pl1, t0, t1, m1, 0xD8;
-prmt.b32 t0, {H[0]}, {H[1]}, s16;
-prmt.b32 t1, {H[2]}, {H[3]}, s16;
-lop3.b32 ph1, t0, t1, m1, 0xD8;
+{lookups}
 prmt.b32 w0, pl0, ph0, 0x7351;
 prmt.b32 w1, pl1, ph1, 0x7351;
 prmt.b32 w2, pl0, ph0, 0x6240;
