@@ -23,12 +23,39 @@ NUM_BLOCKS, BLOCK_SIZE = 48, 4
 
 def run_case(case: dict, tp=None) -> list[torch.Tensor]:
     """Every step's logits (all tokens' rows) for one case; `tp`: this rank's TensorParallel."""
-    from server.lora.peft import load_peft_adapter_dir
-    from server.lora.pool import AdapterPool
     from server.lora.sharding import shard_adapter
+
+    runner, pool = _build(case, tp)
+    model = runner.model
+
+    def load(slot, adapter):
+        pool.load(slot, adapter if model.tp is None else shard_adapter(adapter, model.tp.plan(model.config)))
+
+    return _run_steps(case, runner.run, _load_adapters(case, model.config, load))
+
+
+def run_case_driven(case: dict, tp) -> list[torch.Tensor] | None:
+    """The case through server/engine/tp_driver.py: rank 0 loads and runs, the others follow
+    (returns rank 0's logits; None on the others)."""
+    from server.engine.tp_driver import TPDriver, worker_loop
+
+    runner, pool = _build(case, tp)
+    if tp.rank > 0:
+        worker_loop(runner, pool)
+        return None
+    driver = TPDriver(runner, pool)
+    try:
+        return _run_steps(case, driver.run, _load_adapters(case, runner.model.config, driver.load_adapter))
+    finally:
+        driver.stop()
+
+
+def _build(case: dict, tp):
+    """(runner, adapter pool or None) over a KV cache of random values."""
+    from server.lora.pool import AdapterPool
     from server.model.kv_cache import KVCache
     from server.model.loader import load_model
-    from server.model.runner import ModelRunner, SequenceChunk
+    from server.model.runner import ModelRunner
 
     model = load_model(case["model_dir"], torch.float32, "cpu", tp=tp)
     shard = model.shard_config
@@ -36,27 +63,35 @@ def run_case(case: dict, tp=None) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(7)
     kv.k.normal_(generator=generator)
     kv.v.normal_(generator=generator)
+    pool = AdapterPool(model, max_adapters=len(case["adapter_dirs"]) + 1, max_rank=MAX_RANK) if case["adapter_dirs"] else None
+    return ModelRunner(model, kv, "cpu"), pool
+
+
+def _load_adapters(case: dict, config, load) -> list[int]:
+    """Parse each adapter against the whole model and `load(slot, adapter)` it; returns the slots."""
+    from server.lora.peft import load_peft_adapter_dir
+
     slots = []
-    if case["adapter_dirs"]:
-        pool = AdapterPool(model, max_adapters=len(case["adapter_dirs"]) + 1, max_rank=MAX_RANK)
-        for slot, adapter_dir in enumerate(case["adapter_dirs"], start=1):  # slot 0 stays empty
-            adapter = load_peft_adapter_dir(Path(adapter_dir), model.config, max_rank=MAX_RANK)
-            if model.tp is not None:
-                adapter = shard_adapter(adapter, model.tp.plan(model.config))
-            pool.load(slot, adapter)
-            slots.append(slot)
-    runner = ModelRunner(model, kv, "cpu")
+    for slot, adapter_dir in enumerate(case["adapter_dirs"], start=1):  # slot 0 stays empty
+        load(slot, load_peft_adapter_dir(Path(adapter_dir), config, max_rank=MAX_RANK))
+        slots.append(slot)
+    return slots
+
+
+def _run_steps(case: dict, run, slots: list[int]) -> list[torch.Tensor]:
+    from server.model.runner import SequenceChunk
+
     logits = []
     for step in case["steps"]:
         chunks = [SequenceChunk(tokens, start, table, lora_slot=slots[a] if a >= 0 else -1)
                   for tokens, start, table, a in step]
-        logits.append(runner.run(chunks, all_logits=True).clone())
+        logits.append(run(chunks, all_logits=True).clone())
     return logits
 
 
 def worker(rank: int, world_size: int, init_method: str, spec_path: str) -> None:
-    """One rank of the group (torch.multiprocessing.spawn's target): every case of the spec,
-    logits saved to <out_dir>/rank<r>.pt."""
+    """One rank of the group (torch.multiprocessing.spawn's target): every case of the spec, then
+    the spec's `driven` cases through the rank-0 driver; logits saved to <out_dir>/rank<r>.pt."""
     from server.model.tensor_parallel import init_tensor_parallel
 
     torch.set_num_threads(1)  # two ranks on a two-core machine
@@ -64,6 +99,8 @@ def worker(rank: int, world_size: int, init_method: str, spec_path: str) -> None
     tp = init_tensor_parallel(rank, world_size, init_method, backend="gloo", timeout=timedelta(seconds=120))
     try:
         results = {name: run_case(case, tp) for name, case in spec["cases"].items()}
+        for name in spec["driven"]:
+            results[f"driven:{name}"] = run_case_driven(spec["cases"][name], tp)
     finally:
         torch.distributed.destroy_process_group()
     torch.save(results, Path(spec["out_dir"]) / f"rank{rank}.pt")

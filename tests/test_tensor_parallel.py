@@ -24,6 +24,7 @@ from tests.tensor_parallel_cases import MAX_RANK, run_case, worker
 from tests.tiny_models import build_tiny
 
 WORLD_SIZE = 2
+DRIVEN = ["llama-bias/mixed"]  # also run through server/engine/tp_driver.py (rank 0 loads and runs)
 RTOL_OF_SCALE = 1e-5  # |TP=2 - TP=1| <= this times the largest |logit| of the case
 
 ADAPTERS = {
@@ -96,13 +97,18 @@ def results(cases):
     """case -> (TP=1 logits, rank 0's TP=2 logits, rank 1's), each a list over steps."""
     root, spec = cases
     spec_path = root / "spec.json"
-    spec_path.write_text(json.dumps({"cases": spec, "out_dir": str(root)}))
+    spec_path.write_text(json.dumps({"cases": spec, "driven": DRIVEN, "out_dir": str(root)}))
     mp.spawn(worker, args=(WORLD_SIZE, free_tcp_address(), str(spec_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD_SIZE)]
-    return {name: (run_case(case), ranks[0][name], ranks[1][name]) for name, case in spec.items()}
+    out = {name: (run_case(case), ranks[0][name], ranks[1][name]) for name, case in spec.items()}
+    for name in DRIVEN:
+        assert ranks[1][f"driven:{name}"] is None  # workers return nothing: rank 0 holds the logits
+        out[f"driven:{name}"] = (out[name][0], ranks[0][f"driven:{name}"], ranks[0][f"driven:{name}"])
+    return out
 
 
-@pytest.mark.parametrize("case", [f"{m}/{kind}" for m in sorted(MODELS) for kind in ("base", "mixed")])
+@pytest.mark.parametrize("case", [f"{m}/{kind}" for m in sorted(MODELS) for kind in ("base", "mixed")]
+                         + [f"driven:{name}" for name in DRIVEN])
 def test_tp2_logits_equal_tp1(results, case):
     reference, rank0, rank1 = results[case]
     scale = max(step.abs().max().item() for step in reference)
