@@ -1,7 +1,9 @@
 """Tensor parallelism on the CPU: a TP=2 group (two spawned processes, gloo, fp32) gives the same
 logits as our single-process model (TP=1, checked against transformers and peft elsewhere), for
 base and mixed-adapter batches (LoRA on q/k/v/o, on all linear layers, DoRA on all linear
-layers), over prefills and decodes, with fewer KV heads than ranks (replicated), as many, and more.
+layers), over prefills and decodes, with fewer KV heads than ranks (replicated), as many, and more;
+one case also through the rank-0 driver (server/engine/tp_driver.py). One spawned group runs
+every case (tests/tensor_parallel_cases.py); spawning dominates the time.
 """
 
 import copy
