@@ -113,10 +113,11 @@ class Engine:
         # the adapter pool first: on the GPU the KV cache takes what memory is left
         max_loras = settings.max_loras or _auto_lora_slots(settings, model, self.device)
         self.pool = AdapterPool(self.model, max_loras, settings.max_lora_rank, settings.restricted_lora_modules())
-        self.limits = _limits(settings, cfg, self.dtype, self.device, max_loras, self.pool.num_pages)
+        shard = model.shard_config  # the KV heads this process holds (all of them without tensor parallelism)
+        self.limits = _limits(settings, shard, self.dtype, self.device, max_loras, self.pool.num_pages)
         self.kv_cache = KVCache(
-            cfg.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
-            cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
+            shard.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
+            shard.num_kv_heads, shard.head_dim, self.dtype, self.device,
         )
         self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size,
                                      prefix_caching=settings.enable_prefix_caching)

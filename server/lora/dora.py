@@ -14,16 +14,24 @@ step only multiplies each DoRA token's projection output, bias excluded, by its 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
 def dora_factor(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                magnitude: torch.Tensor) -> torch.Tensor:
+                magnitude: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """m / ||W + s B A||_row in float32, on the tensors' device: (out,).
 
     weight (out, in), lora_a (r, in), lora_b (out, r), magnitude (out,); any float dtypes (the
-    sum is formed in float32, so a bf16 base is not rounded again before the norm)."""
-    return factor_of_merged(merged_weight(weight, lora_a, lora_b, scale), magnitude)
+    sum is formed in float32, so a bf16 base is not rounded again before the norm).
+    `all_reduce`: the module is row-parallel (server/model/tensor_parallel.py), weight and lora_a
+    hold this rank's input columns only, so the squared row norms are summed over the group."""
+    merged = merged_weight(weight, lora_a, lora_b, scale)
+    if all_reduce is None:
+        return factor_of_merged(merged, magnitude)
+    return magnitude.float() / all_reduce(merged.square().sum(dim=1)).sqrt()
 
 
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -242,7 +242,7 @@ class AdapterPool:
             column = self._dora_columns[(layer, name)] + rows
             factors[column : column + width] = dora_factor(  # a quantized base: its dequantized weight, as peft's
                 proj.dense_weight(i), lora.lora_a[i][slot, :rank], lora.lora_b[i][slot, :, :rank], scale,
-                magnitudes[offset : offset + width])
+                magnitudes[offset : offset + width], all_reduce=proj.all_reduce)  # row-parallel: a collective
         self._dora_slots[slot] = 1
 
     def _make_plan(self, adapter: LoRAAdapter) -> SlotPlan:

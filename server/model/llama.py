@@ -5,11 +5,16 @@ end as one (T, hidden) batch: every linear runs once for all of them, attention 
 sequence's own keys in the paged KV cache. q/k/v and gate/up are fused projections. Each
 projection may carry LoRA slots (set by the adapter pool); the per-step `LoRABatchMeta` says
 which slot each token uses. No HTTP, no tenants: just tensors.
+
+Under tensor parallelism (server/model/tensor_parallel.py) the model is built with the shapes of
+one rank's shard (`shard_config`: its heads and intermediate channels); o_proj and down_proj are
+then row-parallel and end with an all-reduce, and nothing else changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,9 @@ from server.model.attention import AttentionMeta, paged_attention
 from server.model.config import ModelConfig
 from server.model.kv_cache import KVCache
 from server.model.rope import RotaryEmbedding, rope_inv_freq
+from server.model.tensor_parallel import TensorParallel
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the tensor-parallel group, in place
 
 
 @dataclass
@@ -51,11 +59,16 @@ class Projection(nn.Module):
 
     The base weight is a dense parameter, or a quantized one (`quantized`: kernels.nf4.NF4Weight or
     kernels.fp8.FP8Weight, set by server/model/quantized.py, `weight` then None); the LoRA delta
-    is added in the model dtype either way."""
+    is added in the model dtype either way.
 
-    def __init__(self, name: str, in_features: int, out_sizes: tuple[int, ...], bias: bool):
+    With `all_reduce` the projection is row-parallel: it holds some input columns of W (and of
+    each adapter's A) and sums over the tensor-parallel group (`_row_parallel_forward`)."""
+
+    def __init__(self, name: str, in_features: int, out_sizes: tuple[int, ...], bias: bool,
+                 all_reduce: AllReduce | None = None):
         super().__init__()
         self.name = name
+        self.all_reduce = all_reduce
         self.in_features = in_features
         self.out_sizes = out_sizes
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features), requires_grad=False)
@@ -73,17 +86,40 @@ class Projection(nn.Module):
         return dequantize_rows(self.quantized, start, start + self.out_sizes[i])
 
     def forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
+        if self.all_reduce is not None:
+            return self._row_parallel_forward(x, lora_meta)
         if self.quantized is None:
             y = F.linear(x, self.weight, self.bias)
         else:
             y = kernels.quantized_linear(x, self.quantized, self.bias)
-        if (self.lora is not None and lora_meta is not None and lora_meta.has_lora
-                and (lora_meta.projections is None or self.name in lora_meta.projections)):
+        if self._runs_lora(lora_meta):
             lora = self.lora
             kernels.lora_apply(y, x, lora.lora_a, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
-            if lora.dora_factors is not None and (lora_meta.projections is None or DORA in lora_meta.projections):
-                kernels.dora_scale(y, self.bias, lora.dora_factors, lora.dora_slots, lora_meta)
+            self._dora_scale(y, lora_meta)
         return y
+
+    def _row_parallel_forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
+        """x and W (and A) hold this rank's input columns, so `x W^T` and the shrink `x A^T` are
+        partial sums: both are all-reduced (the shrink's T x rank is tiny), then the bias and the
+        expand with B whole run on every rank, which all end with the same full output."""
+        y = self.all_reduce(F.linear(x, self.weight))  # (T, out)
+        if self.bias is not None:
+            y += self.bias
+        if self._runs_lora(lora_meta):
+            lora = self.lora
+            v = self.all_reduce(kernels.lora_shrink(x, lora.lora_a, lora_meta, slot_ranks=lora.slot_ranks))
+            kernels.lora_expand(y, v, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
+            self._dora_scale(y, lora_meta)
+        return y
+
+    def _runs_lora(self, lora_meta: LoRABatchMeta | None) -> bool:
+        return (self.lora is not None and lora_meta is not None and lora_meta.has_lora
+                and (lora_meta.projections is None or self.name in lora_meta.projections))
+
+    def _dora_scale(self, y: torch.Tensor, lora_meta: LoRABatchMeta) -> None:
+        lora = self.lora
+        if lora.dora_factors is not None and (lora_meta.projections is None or DORA in lora_meta.projections):
+            kernels.dora_scale(y, self.bias, lora.dora_factors, lora.dora_slots, lora_meta)
 
 
 class RMSNorm(nn.Module):
@@ -100,14 +136,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, all_reduce: AllReduce | None = None):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
         self.qkv_proj = Projection("qkv_proj", cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
-        self.o_proj = Projection("o_proj", cfg.q_size, (cfg.hidden_size,), cfg.o_bias)
+        self.o_proj = Projection("o_proj", cfg.q_size, (cfg.hidden_size,), cfg.o_bias, all_reduce)
 
     def forward(self, x, rope: RotaryEmbedding, kv_cache: KVCache, attn: AttentionMeta, lora: LoRABatchMeta | None):
         T = x.shape[0]
@@ -122,22 +158,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, all_reduce: AllReduce | None = None):
         super().__init__()
         self.gate_up_proj = Projection("gate_up_proj", cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias)
-        self.down_proj = Projection("down_proj", cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias)
+        self.down_proj = Projection("down_proj", cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias, all_reduce)
 
     def forward(self, x, lora: LoRABatchMeta | None):
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x, lora)), lora)  # (T, 2I) -> (T, I)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, all_reduce: AllReduce | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, all_reduce)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, all_reduce)
 
     def forward(self, x, residual, rope, kv_cache, attn, lora):
         """(layer input, residual stream) -> (MLP output, residual stream): each sublayer's output
@@ -152,12 +188,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
+        """`tp`: this process's place in a tensor-parallel group; the model is then its shard."""
         super().__init__()
-        self.config = cfg
+        self.config = cfg  # the whole model's
+        self.tp = tp if tp is not None and tp.world_size > 1 else None
+        # the shapes this process holds: `cfg` itself, or its rank's heads and channels (the KV cache's too)
+        self.shard_config = cfg if self.tp is None else self.tp.plan(cfg).local_config
+        all_reduce = None if self.tp is None else self.tp.all_reduce
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(self.shard_config, i, all_reduce) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None
         if not cfg.tie_word_embeddings:

@@ -8,6 +8,10 @@ that transformers saved with a bitsandbytes 4-bit NF4 config is read as it is, N
 statistics unchanged (server/model/bnb_checkpoint.py), and so is an FP8 checkpoint in the
 compressed-tensors or fbgemm_fp8 layout (server/model/fp8_checkpoint.py); any other quantized
 checkpoint (`quantization_config` in its config.json) is refused with a clear error.
+
+With `tp` (server/model/tensor_parallel.py) the model is one rank's shard, and each projection
+tensor is read shard by shard (`ShardPlan.read`: safetensors slices of its rows or columns), so
+no rank ever holds a whole projection; quantized weights are not sharded yet.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from server.model import bnb_checkpoint, fp8_checkpoint
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
 from server.model.quantized import QuantizationError, check_format, fuse, quantize_module
+from server.model.tensor_parallel import TensorParallel
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF sub-module -> (our projection, index of the slice it fills)
@@ -50,11 +55,17 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, quantize: str | None = None
-               ) -> LlamaModel:
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, quantize: str | None = None,
+               tp: TensorParallel | None = None) -> LlamaModel:
+    """The model of a checkpoint directory; with `tp` (world size > 1), this rank's shard of it."""
     path = Path(path)
     quantize = check_format(quantize)
     saved = saved_format(path)
+    if tp is not None and tp.world_size > 1:
+        if quantize or saved:
+            raise QuantizationError("quantized weights (--quantize, or a quantized checkpoint) are not supported "
+                                    "with --tensor-parallel-size > 1 yet")
+        return _load(path, dtype, device, None, prequantized=False, tp=tp)
     if saved is not None:
         if quantize not in (None, saved):
             raise QuantizationError(f"{path} holds {saved.upper()} weights: --quantize {quantize} cannot "
@@ -63,10 +74,12 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     return _load(path, dtype, device, quantize, prequantized=False)
 
 
-def _load(path: Path, dtype: torch.dtype, device, quantize: str | None, prequantized: bool) -> LlamaModel:
-    cfg = ModelConfig.from_dir(path)
+def _load(path: Path, dtype: torch.dtype, device, quantize: str | None, prequantized: bool,
+          tp: TensorParallel | None = None) -> LlamaModel:
     with torch.device("meta"):
-        model = LlamaModel(cfg).to(dtype)
+        model = LlamaModel(ModelConfig.from_dir(path), tp).to(dtype)
+    cfg = model.shard_config  # the shapes (and so the fused slices' offsets) this process holds
+    plan = None if model.tp is None else model.tp.plan(model.config)
     projections = {f"layers.{i}.{'self_attn' if name in ('qkv_proj', 'o_proj') else 'mlp'}.{name}": proj
                    for i, name, proj in model.projections()}
     if quantize:
@@ -123,7 +136,7 @@ def _load(path: Path, dtype: torch.dtype, device, quantize: str | None, prequant
                     continue
                 if name not in params:
                     raise CheckpointError(f"unexpected tensor {key!r} in {file.name}")
-                tensor = f.get_tensor(key)
+                tensor = f.get_tensor(key) if plan is None else plan.read(f, key)
                 _copy_rows(params[name], tensor, row_offset, rows, key)
                 filled[name] += tensor.numel()
     missing = [n for n, count in filled.items() if count != params[n].numel()]

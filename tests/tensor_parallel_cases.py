@@ -1,0 +1,106 @@
+"""The steps tests/test_tensor_parallel.py runs on a model at TP=1 (in the test process) and on
+each rank of a TP=2 group (spawned processes, gloo): kept apart from the test module so that the
+workers import torch and our server code only, not pytest, transformers or peft.
+
+A case is one checkpoint, its adapters (PEFT directories, loaded into the same pool slots on
+every rank) and a few steps over a paged KV cache filled with random values first (a read of a
+slot no step wrote would show): prefills, then decodes beside a new prefill, then decodes. Each
+step is a list of (tokens, start position, block table, adapter index or -1) and every step's
+logits are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+MAX_RANK = 16
+NUM_BLOCKS, BLOCK_SIZE = 48, 4
+
+
+def run_case(case: dict, tp=None) -> list[torch.Tensor]:
+    """Every step's logits (all tokens' rows) for one case; `tp`: this rank's TensorParallel."""
+    from server.lora.sharding import shard_adapter
+
+    runner, pool = _build(case, tp)
+    model = runner.model
+
+    def load(slot, adapter):
+        pool.load(slot, adapter if model.tp is None else shard_adapter(adapter, model.tp.plan(model.config)))
+
+    return _run_steps(case, runner.run, _load_adapters(case, model.config, load))
+
+
+def run_case_driven(case: dict, tp) -> list[torch.Tensor] | None:
+    """The case through server/engine/tp_driver.py: rank 0 loads and runs, the others follow
+    (returns rank 0's logits; None on the others)."""
+    from server.engine.tp_driver import TPDriver, worker_loop
+
+    runner, pool = _build(case, tp)
+    if tp.rank > 0:
+        worker_loop(runner, pool)
+        return None
+    driver = TPDriver(runner, pool)
+    try:
+        return _run_steps(case, driver.run, _load_adapters(case, runner.model.config, driver.load_adapter))
+    finally:
+        driver.stop()
+
+
+def _build(case: dict, tp):
+    """(runner, adapter pool or None) over a KV cache of random values."""
+    from server.lora.pool import AdapterPool
+    from server.model.kv_cache import KVCache
+    from server.model.loader import load_model
+    from server.model.runner import ModelRunner
+
+    model = load_model(case["model_dir"], torch.float32, "cpu", tp=tp)
+    shard = model.shard_config
+    kv = KVCache(shard.num_layers, NUM_BLOCKS, BLOCK_SIZE, shard.num_kv_heads, shard.head_dim, torch.float32, "cpu")
+    generator = torch.Generator().manual_seed(7)
+    kv.k.normal_(generator=generator)
+    kv.v.normal_(generator=generator)
+    pool = AdapterPool(model, max_adapters=len(case["adapter_dirs"]) + 1, max_rank=MAX_RANK) if case["adapter_dirs"] else None
+    return ModelRunner(model, kv, "cpu"), pool
+
+
+def _load_adapters(case: dict, config, load) -> list[int]:
+    """Parse each adapter against the whole model and `load(slot, adapter)` it; returns the slots."""
+    from server.lora.peft import load_peft_adapter_dir
+
+    slots = []
+    for slot, adapter_dir in enumerate(case["adapter_dirs"], start=1):  # slot 0 stays empty
+        load(slot, load_peft_adapter_dir(Path(adapter_dir), config, max_rank=MAX_RANK))
+        slots.append(slot)
+    return slots
+
+
+def _run_steps(case: dict, run, slots: list[int]) -> list[torch.Tensor]:
+    from server.model.runner import SequenceChunk
+
+    logits = []
+    for step in case["steps"]:
+        chunks = [SequenceChunk(tokens, start, table, lora_slot=slots[a] if a >= 0 else -1)
+                  for tokens, start, table, a in step]
+        logits.append(run(chunks, all_logits=True).clone())
+    return logits
+
+
+def worker(rank: int, world_size: int, init_method: str, spec_path: str) -> None:
+    """One rank of the group (torch.multiprocessing.spawn's target): every case of the spec, then
+    the spec's `driven` cases through the rank-0 driver; logits saved to <out_dir>/rank<r>.pt."""
+    from server.model.tensor_parallel import init_tensor_parallel
+
+    torch.set_num_threads(1)  # two ranks on a two-core machine
+    spec = json.loads(Path(spec_path).read_text())
+    tp = init_tensor_parallel(rank, world_size, init_method, backend="gloo", timeout=timedelta(seconds=120))
+    try:
+        results = {name: run_case(case, tp) for name, case in spec["cases"].items()}
+        for name in spec["driven"]:
+            results[f"driven:{name}"] = run_case_driven(spec["cases"][name], tp)
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(results, Path(spec["out_dir"]) / f"rank{rank}.pt")
