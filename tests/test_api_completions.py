@@ -234,7 +234,7 @@ def _long_prompt_ids(n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),  # 0 is valid: the prompt alone (test_api_logprobs.py)
     ({"prompt": "hi", "temperature": 3}, "temperature"),
     ({"prompt": "hi", "top_p": 0}, "top_p"),
     ({"prompt": "hi", "n": 0}, "n"),
@@ -265,6 +265,7 @@ def test_invalid_completion_requests_get_a_400_envelope(http, body, message):
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),  # completions only
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_invalid_chat_requests_get_a_400_envelope(http, body, message):

@@ -4,6 +4,8 @@ the structured phase's answers succeed, and the JSON and the table are written."
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a minute or so on the 2-core CI machine: make test-slow
 def test_prefix_structured_bench_runs_end_to_end_on_cpu(tmp_path, default_model_dir):
     out = tmp_path / "out"
     command = [sys.executable, "loadtest/bench_prefix_structured.py", "--out", str(out), "--shape", "tiny",

@@ -4,6 +4,8 @@ Plus the two pieces of arithmetic its figures rest on (token placement, percenti
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -30,6 +32,7 @@ def test_percentiles_interpolate_between_ranks():
     assert percentiles([]) is None
 
 
+@pytest.mark.slow  # a minute or so on the 2-core CI machine: make test-slow
 def test_serving_bench_runs_end_to_end_on_cpu(tmp_path, default_model_dir):
     out = tmp_path / "out"
     command = [

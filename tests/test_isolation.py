@@ -11,7 +11,7 @@ Every output must equal its tenant's solo reference (for the version its request
 with: the old one if it ended before the replacement began, the new one if it was sent after the
 replacement answered, either one in between), so no tenant ever sees another's canary.
 
-CI runs ISOLATION_REQUESTS requests (LORAPLEX_ISOLATION_REQUESTS, default 160); `make test-slow`
+CI runs ISOLATION_REQUESTS requests (LORAPLEX_ISOLATION_REQUESTS, default 112); `make test-slow`
 runs 2,000.
 """
 
@@ -37,7 +37,7 @@ TENANTS = [f"tenant-{i:02d}" for i in range(32)]
 REPLACED = TENANTS[::8]  # 4 tenants upload a new version mid-run
 PROMPTS = ["The harbour master wrote in the log that", "Recipe for a quiet evening:"]
 MAX_TOKENS = 10
-ISOLATION_REQUESTS = int(os.environ.get("LORAPLEX_ISOLATION_REQUESTS", "160"))
+ISOLATION_REQUESTS = int(os.environ.get("LORAPLEX_ISOLATION_REQUESTS", "112"))
 
 
 def _window(num_requests: int) -> float:

@@ -1,4 +1,4 @@
-"""A short soak of the real server (loadtest/soak.py, one minute on the CPU): mixed traffic,
+"""A short soak of the real server (loadtest/soak.py, one minute on the CPU; both runs under `make test-slow`): mixed traffic,
 admin churn, disconnects, bad requests and bursts past the tenant bound at once; no request may
 be lost (each completes, or is refused with a 4xx envelope, or ends with an error event, or was
 left by its client), no 5xx. Memory flatness is the ten-minute run's figure
@@ -12,6 +12,7 @@ import pytest
 from loadtest import soak
 
 
+@pytest.mark.slow  # a minute or so on the 2-core CI machine: make test-slow
 def test_a_minute_of_mixed_traffic_and_churn_loses_nothing(tmp_path):
     code = soak.main(["--minutes", "1", "--out", str(tmp_path), "--max-growth-mb", "512"])
     result = json.loads((tmp_path / "soak_cpu.json").read_text())
