@@ -113,14 +113,18 @@ def _decode(packed, a, code_ptr, ASM: tl.constexpr, ASM_STR: tl.constexpr):
 
 
 @triton.jit
-def _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, blocks_per_row):
+def _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, blocks_per_row, NESTED: tl.constexpr):
     """Each row's slice (q, k or v of a fused projection): its nested offset, its first absmax2 group,
-    and the index of its first block within the slice."""
-    s = (offs_n >= row1).to(tl.int32) + (offs_n >= row2).to(tl.int32)
-    first_row = tl.where(s == 0, 0, tl.where(s == 1, row1, row2))
-    offset = tl.load(offsets_ptr + s, mask=n_mask, other=0.0)
-    group0 = tl.load(group_starts_ptr + s, mask=n_mask, other=0)
-    return offset, group0, (offs_n - first_row) * blocks_per_row
+    and the index of its first block within the slice (unused stand-ins without nesting)."""
+    if NESTED:
+        s = (offs_n >= row1).to(tl.int32) + (offs_n >= row2).to(tl.int32)
+        first_row = tl.where(s == 0, 0, tl.where(s == 1, row1, row2))
+        offset = tl.load(offsets_ptr + s, mask=n_mask, other=0.0)
+        group0 = tl.load(group_starts_ptr + s, mask=n_mask, other=0)
+        local_base = (offs_n - first_row) * blocks_per_row
+    else:
+        offset, group0, local_base = offs_n * 0.0, offs_n, offs_n
+    return offset, group0, local_base
 
 
 @triton.jit
@@ -169,10 +173,8 @@ def _nf4_gemv_kernel(
     HALF: tl.constexpr = BS // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if NESTED:
-        offset, group0, local_base = _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, K // BS)
-    else:
-        offset, group0, local_base = offs_n * 0.0, offs_n, offs_n
+    offset, group0, local_base = _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, K // BS,
+                                             NESTED)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, UNROLL, HALF), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_k + 1) * k_per_split)
@@ -209,10 +211,8 @@ def _nf4_mm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     t_mask, n_mask = offs_t < T, offs_n < N
-    if NESTED:
-        offset, group0, local_base = _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, K // BS)
-    else:
-        offset, group0, local_base = offs_n * 0.0, offs_n, offs_n
+    offset, group0, local_base = _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, K // BS,
+                                             NESTED)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_k + 1) * k_per_split)
@@ -258,10 +258,8 @@ def _nf4_dequantize_kernel(
     BLOCK_K: tl.constexpr = BS * UNROLL
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if NESTED:
-        offset, group0, local_base = _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, K // BS)
-    else:
-        offset, group0, local_base = offs_n * 0.0, offs_n, offs_n
+    offset, group0, local_base = _row_slices(offs_n, n_mask, offsets_ptr, group_starts_ptr, row1, row2, K // BS,
+                                             NESTED)
     kb = tl.program_id(1) * BLOCK_K
     hi, lo = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offs_n, n_mask, kb, K, K, stride_p,
                           offset, group0, local_base, out_ptr.dtype.element_ty, NESTED, BS, NESTED_BS, UNROLL, ASM,

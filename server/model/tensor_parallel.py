@@ -73,10 +73,14 @@ class ShardPlan:
         if c.intermediate_size % n:
             raise TensorParallelError(f"intermediate size {c.intermediate_size} does not divide over {n} ranks")
 
+    def _share(self, total: int) -> range:
+        """This rank's equal share of `total` (heads or channels; the plan checked it divides)."""
+        per_rank = total // self.world_size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
     @property
     def q_heads(self) -> range:
-        per_rank = self.config.num_heads // self.world_size
-        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return self._share(self.config.num_heads)
 
     @property
     def kv_heads(self) -> range:
@@ -89,8 +93,7 @@ class ShardPlan:
 
     @property
     def intermediate(self) -> range:
-        per_rank = self.config.intermediate_size // self.world_size
-        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return self._share(self.config.intermediate_size)
 
     @property
     def local_config(self) -> ModelConfig:
