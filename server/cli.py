@@ -19,6 +19,13 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "bitsandbytes' layout) or fp8 (e4m3, per-channel scales; tensor cores on Hopper); default none")
 
 
+def _add_tensor_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="split the base model over this many GPUs of the host (rank r on cuda:r; on the CPU, this "
+                        "many processes); the attention heads, the KV heads and the intermediate size must divide "
+                        "(default 1)")
+
+
 def _settings(args: argparse.Namespace, **extra) -> Settings:
     return Settings.from_env(model=args.model, home=args.home, **extra)
 
@@ -40,19 +47,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, SamplingParams
 
-    settings = _settings(args, device=args.device, quantize=args.quantize)
+    settings = _settings(args, device=args.device, quantize=args.quantize,
+                         tensor_parallel_size=args.tensor_parallel_size)
     engine = Engine.from_settings(settings)
-    adapters = {}
-    if args.adapter:
-        engine.add_adapter("cli", args.adapter)
-        adapters = {"adapter": "cli"}
-    request = GenerationRequest(
-        prompt=args.prompt,
-        chat=not args.raw,
-        sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed),
-        **adapters,
-    )
-    (result,) = engine.generate([request])
+    try:
+        adapters = {}
+        if args.adapter:
+            engine.add_adapter("cli", args.adapter)
+            adapters = {"adapter": "cli"}
+        request = GenerationRequest(
+            prompt=args.prompt,
+            chat=not args.raw,
+            sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed),
+            **adapters,
+        )
+        (result,) = engine.generate([request])
+    finally:
+        engine.close()
     print(result.text)
     return 0
 
@@ -81,6 +92,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda[:N] (default auto: the GPU when there is one)")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     _add_quantize(p)
+    _add_tensor_parallel(p)
     p.add_argument("--served-model-name", help="the base model's id in the API (default: its directory name)")
     p.add_argument("--adapter-store", help="adapter store directory (default <home>/adapters)")
     p.add_argument("--adapter-store-shared", action="store_const", const=True,
@@ -136,7 +148,7 @@ SERVE_SETTINGS = ("host", "port", "device", "dtype", "quantize", "served_model_n
                   "lora_memory_fraction", "gpu_memory_utilization", "async_scheduling", "max_queued_requests",
                   "max_queued_requests_per_tenant", "max_requests_per_tenant", "max_queued_tokens",
                   "max_queued_tokens_per_tenant", "max_request_seconds", "max_connections", "drain_seconds",
-                  "adapter_store_shared", "enable_prefix_caching", "lora_modules")
+                  "adapter_store_shared", "enable_prefix_caching", "lora_modules", "tensor_parallel_size")
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:
@@ -186,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     _add_quantize(p)
+    _add_tensor_parallel(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="merge a PEFT LoRA/DoRA adapter into the base model: a plain checkpoint "

@@ -82,6 +82,9 @@ class Settings:
     enable_prefix_caching: bool = True
     # LORAPLEX_ASYNC_SCHEDULING: auto (on the GPU) | on | off: schedule step N+1 while the device runs step N
     async_scheduling: str = "auto"
+    # LORAPLEX_TENSOR_PARALLEL_SIZE: the base model split over this many GPUs of the host (rank r on
+    # cuda:r), or CPU processes; 1 = one process (server/engine/tp_group.py)
+    tensor_parallel_size: int = 1
     # LORAPLEX_BLAS_LIBRARY: auto (cuBLASLt on the GPU) | cublas | cublaslt: the library torch hands the
     # projections' GEMMs to (loadtest/bench_gemm.py: cuBLASLt is faster on most serving shapes)
     blas_library: str = "auto"
@@ -178,6 +181,11 @@ class Settings:
             raise ValueError(f"blas_library must be auto, cublas or cublaslt, not {self.blas_library!r}")
         if self.quantize not in {"", "none", "nf4", "fp8"}:
             raise ValueError(f"quantize must be nf4, fp8 or none, not {self.quantize!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size > 1 and self.quantize not in {"", "none"}:
+            raise ValueError("quantize: quantized weights are not split over tensor-parallel ranks yet; "
+                             "use tensor_parallel_size 1 or no quantization")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not 0 <= self.port <= 65535:

@@ -161,6 +161,8 @@ class Service:
             self.sweeper.stop()
         self.loop.stop()
         self.cache.close()
+        if self.loop.thread_ended and hasattr(self.engine, "close"):
+            self.engine.close()  # tensor-parallel workers (none otherwise); never while a step may still run
 
     def stop_engine(self) -> None:
         """Stop the engine loop (blocking): every open stream ends with an error event saying the

@@ -37,17 +37,18 @@ def run_case(case: dict, tp=None) -> list[torch.Tensor]:
 def run_case_driven(case: dict, tp) -> list[torch.Tensor] | None:
     """The case through server/engine/tp_driver.py: rank 0 loads and runs, the others follow
     (returns rank 0's logits; None on the others)."""
-    from server.engine.tp_driver import TPDriver, worker_loop
+    from server.engine.tp_driver import DrivenRunner, ShardedAdapterPool, worker_loop
 
     runner, pool = _build(case, tp)
     if tp.rank > 0:
-        worker_loop(runner, pool)
+        worker_loop(runner, pool, tp)
         return None
-    driver = TPDriver(runner, pool)
+    driven = DrivenRunner(runner, tp)
+    sharded = ShardedAdapterPool(pool, tp, runner.model.config)
     try:
-        return _run_steps(case, driver.run, _load_adapters(case, runner.model.config, driver.load_adapter))
+        return _run_steps(case, driven.run, _load_adapters(case, runner.model.config, sharded.load))
     finally:
-        driver.stop()
+        driven.stop()
 
 
 def _build(case: dict, tp):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +42,7 @@ from server.engine.request import GenerationRequest, GenerationResult, SamplingP
 from server.engine.sampler import sample
 from server.engine.scheduler import AdapterResidency, ScheduledChunk, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.tp_driver import DrivenRunner, ShardedAdapterPool
 from server.lora.adapter import LoRAAdapter
 from server.lora.pool import PAGE_RANK, AdapterPool, pool_projections
 from server.lora.registry import InMemoryAdapters
@@ -106,28 +107,20 @@ class Engine:
         (the server's tiered cache); by default adapters are registered in memory."""
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        select_blas_library(settings.blas_library, self.device)  # before any GEMM is captured
         self.tokenizer = tokenizer
         self.model = model
         cfg = model.config
-        # the adapter pool first: on the GPU the KV cache takes what memory is left
-        max_loras = settings.max_loras or _auto_lora_slots(settings, model, self.device)
-        self.pool = AdapterPool(self.model, max_loras, settings.max_lora_rank, settings.restricted_lora_modules())
-        shard = model.shard_config  # the KV heads this process holds (all of them without tensor parallelism)
-        self.limits = _limits(settings, shard, self.dtype, self.device, max_loras, self.pool.num_pages)
-        self.kv_cache = KVCache(
-            shard.num_layers, self.limits.num_kv_blocks, self.limits.kv_block_size,
-            shard.num_kv_heads, shard.head_dim, self.dtype, self.device,
-        )
+        self.pool, self.limits, self.kv_cache, self.runner = build_device_state(model, settings)
+        self.tp_group = None  # set by from_dir when it started the group (closed by close())
+        if model.tp is not None:  # rank 0 of a tensor-parallel group: every rank runs and loads what this one does
+            self.runner = DrivenRunner(self.runner, model.tp)
+            self.pool = ShardedAdapterPool(self.pool, model.tp, cfg)
         self.blocks = BlockAllocator(self.limits.num_kv_blocks, self.limits.kv_block_size,
                                      prefix_caching=settings.enable_prefix_caching)
         self.adapters = (make_adapters or InMemoryAdapters)(self.pool)
         self.scheduler = Scheduler(
             SchedulerConfig(self.limits.max_num_seqs, self.limits.max_num_batched_tokens), self.blocks, self.adapters
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, max_num_seqs=self.limits.max_num_seqs,
-                                  max_num_batched_tokens=self.limits.max_num_batched_tokens,
-                                  max_model_len=self.limits.max_model_len)
         self.eos_ids = _eos_ids(self.tokenizer, cfg)
         self.grammars = Grammars(self.tokenizer, cfg.vocab_size, sorted(self.eos_ids))
         self._completed_early: list[Sequence] = []  # by a launch that masks with grammars (see launch)
@@ -139,10 +132,34 @@ class Engine:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, settings: Settings, make_adapters=None) -> "Engine":
-        """Load a prepared checkpoint directory onto the settings' device and dtype."""
+        """Load a prepared checkpoint directory onto the settings' device and dtype; with
+        `tensor_parallel_size` > 1, start the worker processes and load this process's shard
+        (rank 0's; `close()` stops the workers)."""
         device, dtype = resolve_device_dtype(settings.device, settings.dtype)
-        model = load_model(model_dir, dtype, device, quantize=settings.quantize or None)
-        return cls(model, AutoTokenizer.from_pretrained(model_dir), settings, make_adapters)
+        group = None
+        if settings.tensor_parallel_size > 1:
+            from server.engine.tp_group import start_group
+
+            group = start_group(settings, model_dir)
+            device = group.device
+        try:
+            model = load_model(model_dir, dtype, device, quantize=settings.quantize or None,
+                               tp=None if group is None else group.tp)
+            engine = cls(model, AutoTokenizer.from_pretrained(model_dir), settings, make_adapters)
+        except BaseException:
+            if group is not None:
+                group.close()
+            raise
+        engine.tp_group = group
+        return engine
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers this engine started (nothing otherwise). The engine
+        must not step any more."""
+        if self.tp_group is not None:
+            self.runner.stop()
+            self.tp_group.close()
+            self.tp_group = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Engine":
@@ -438,6 +455,31 @@ def _scores_prompt(chunk: ScheduledChunk) -> bool:
     seq = chunk.seq
     return (seq.sampling.prompt_logprobs is not None and seq.num_cached_tokens < len(seq.prompt_ids) - 1
             and seq.num_cached_tokens + chunk.num_tokens > seq.prompt_scored_to)
+
+
+def build_device_state(model: LlamaModel, settings: Settings
+                       ) -> tuple[AdapterPool, EngineLimits, KVCache, ModelRunner]:
+    """The adapter pool, the limits, the KV cache and the runner of a model on its device. Under
+    tensor parallelism every rank calls this (a collective): the ranks agree on the smallest pool
+    and KV cache any of them can hold, so that slots and blocks mean the same everywhere."""
+    weight = model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    select_blas_library(settings.blas_library, device)  # before any GEMM is captured
+    tp = model.tp
+    # the adapter pool first: on the GPU the KV cache takes what memory is left
+    max_loras = settings.max_loras or _auto_lora_slots(settings, model, device)
+    if tp is not None:
+        max_loras = tp.smallest(max_loras)
+    pool = AdapterPool(model, max_loras, settings.max_lora_rank, settings.restricted_lora_modules())
+    shard = model.shard_config  # the KV heads this process holds (all of them without tensor parallelism)
+    limits = _limits(settings, shard, dtype, device, max_loras, pool.num_pages)
+    if tp is not None:
+        limits = replace(limits, num_kv_blocks=tp.smallest(limits.num_kv_blocks))
+    kv_cache = KVCache(shard.num_layers, limits.num_kv_blocks, limits.kv_block_size, shard.num_kv_heads,
+                       shard.head_dim, dtype, device)
+    runner = ModelRunner(model, kv_cache, device, max_num_seqs=limits.max_num_seqs,
+                         max_num_batched_tokens=limits.max_num_batched_tokens, max_model_len=limits.max_model_len)
+    return pool, limits, kv_cache, runner
 
 
 def _async_scheduling(setting: str, device: torch.device) -> bool:

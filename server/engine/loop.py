@@ -75,6 +75,11 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
+    @property
+    def thread_ended(self) -> bool:
+        """The engine thread runs no step now or later (stopped, or never started)."""
+        return not self._thread.is_alive()
+
     # -- asyncio side -------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest, adapter_key: Hashable | None = None) -> AsyncIterator[StreamEvent]:

@@ -1,99 +1,156 @@
 """Rank 0 drives a tensor-parallel group; the other ranks only run the model.
 
-The scheduler, the API and the adapter cache stay single, on rank 0. Whatever touches the model
-goes through `TPDriver` there: it sends each command to the workers, then does the same on its
-own shard, so every rank runs the same step and holds the same adapter in the same pool slot.
-Workers sit in `worker_loop`, doing what they receive until `stop`:
+The scheduler, the API and the adapter cache stay single, on rank 0. The engine there holds a
+`DrivenRunner` and a `ShardedAdapterPool` in place of its runner and pool: each call is sent to
+the workers first, then done on rank 0's own shard, so every rank runs the same step and holds
+the same adapter in the same pool slot. Workers sit in `worker_loop`, doing what they receive:
 
-    run(chunks, all_logits, lora_projections) -> rank 0's logits (every rank computes the same)
-    load_adapter(slot, adapter)   the whole adapter travels; each rank loads its own shard of it
-                                  (server/lora/sharding.py) into the slot rank 0's cache chose
-    clear_adapter(slot)
+    run(chunks, all_logits, lora_projections, pending)   every rank computes the same logits;
+                                 rank 0 keeps them. With `pending` > 0 (asynchronous scheduling)
+                                 rank 0 then broadcasts the previous step's sampled ids from its
+                                 device (on the forward's group: stream-ordered, no host sync)
+    warm_up(capture_graphs)      the same warm-up and CUDA graphs on every rank (the graphs hold
+                                 the all-reduces)
+    load(slot) + each rank's shard (a scatter after the command): server/lora/sharding.py
+    clear(slot)
     stop()
 
-Commands are pickled Python objects broadcast from rank 0 over `group` (on GPUs it should be a
-gloo group beside NCCL's, so that commands never touch a device): a step's chunks are a few
-kilobytes; adapter tensors travel only when one is loaded.
+Commands are pickled Python objects broadcast over the group's gloo command group
+(TensorParallel.commands), so they never queue behind a step on a device: a step's chunks are a
+few kilobytes; adapter shards travel only on a swap-in, and only each rank's own.
 
-Not yet: the engine does not use this (no `loraplex serve --tensor-parallel-size` wiring); steps
-with pending tokens (asynchronous scheduling reads them from rank 0's device) are refused, so a
-group runs synchronous steps; workers do not capture CUDA graphs; a worker that fails leaves rank
-0 waiting in its next collective until the group's timeout.
+A call that fails on rank 0 fails the same way on the workers (the same inputs, the same
+checks): a worker logs it and waits for the next command. A worker that dies ends the group
+(server/engine/tp_group.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import logging
 
 import torch
 import torch.distributed as dist
 
-from server.lora.adapter import LoRAAdapter, LoRAModuleWeights
+from server.lora.adapter import LoRAAdapter
 from server.lora.pool import AdapterPool
-from server.lora.sharding import shard_adapter
+from server.lora.sharding import ShardedAdapter, shard_for_every_rank
 from server.model.runner import ModelRunner, SequenceChunk
+from server.model.tensor_parallel import ShardPlan, TensorParallel
+
+log = logging.getLogger(__name__)
 
 
-class TPDriver:
-    """Rank 0's handle on the group: ModelRunner's `run` and AdapterPool's `load`/`clear`, on every rank."""
+class DrivenRunner:
+    """Rank 0's ModelRunner under tensor parallelism: `run` and `warm_up` on every rank."""
 
-    def __init__(self, runner: ModelRunner, pool: AdapterPool | None, group=None):
-        model = runner.model
-        if model.tp is None or model.tp.rank != 0:
-            raise ValueError("TPDriver runs on rank 0 of a tensor-parallel model")
-        self.runner, self.pool, self.group = runner, pool, group
-        self._plan = model.tp.plan(model.config)
+    def __init__(self, runner: ModelRunner, tp: TensorParallel):
+        if tp.rank != 0:
+            raise ValueError("the driver runs on rank 0 of a tensor-parallel group")
+        self.runner, self.tp = runner, tp
+        self.model, self.kv_cache, self.device = runner.model, runner.kv_cache, runner.device
 
     def run(self, chunks: list[SequenceChunk], all_logits: bool = False, pending_tokens: torch.Tensor | None = None,
             lora_projections: frozenset | None = None) -> torch.Tensor:
-        if pending_tokens is not None or any(c.pending_row >= 0 for c in chunks):
-            raise NotImplementedError("pending tokens (asynchronous scheduling) under tensor parallelism")
-        _broadcast(("run", chunks, all_logits, lora_projections), self.group)
-        return self.runner.run(chunks, all_logits=all_logits, lora_projections=lora_projections)
+        pending = pending_tokens.numel() if pending_tokens is not None and any(c.pending_row >= 0 for c in chunks) else 0
+        _send(self.tp, ("run", chunks, all_logits, lora_projections, pending))
+        if pending:
+            pending_tokens = self.tp.broadcast(pending_tokens.to(torch.int64).contiguous())
+        return self.runner.run(chunks, all_logits=all_logits, pending_tokens=pending_tokens,
+                               lora_projections=lora_projections)
 
-    def load_adapter(self, slot: int, adapter: LoRAAdapter) -> None:
-        """`adapter`: the whole one, as parsed against the whole model."""
-        _broadcast(("load", slot, _portable(adapter)), self.group)
-        self.pool.load(slot, shard_adapter(adapter, self._plan))
+    def warm_up(self, capture_graphs: bool = True) -> None:
+        _send(self.tp, ("warm_up", capture_graphs))
+        self.runner.warm_up(capture_graphs)
 
-    def clear_adapter(self, slot: int) -> None:
-        _broadcast(("clear", slot), self.group)
-        self.pool.clear(slot)
+    @property
+    def graphs(self):
+        return self.runner.graphs
 
     def stop(self) -> None:
-        _broadcast(("stop",), self.group)
+        """Release the workers from their loop (they return from `worker_loop`)."""
+        _send(self.tp, ("stop",))
 
 
-def worker_loop(runner: ModelRunner, pool: AdapterPool | None, group=None) -> None:
+class ShardedAdapterPool:
+    """Rank 0's AdapterPool under tensor parallelism: the caches and the scheduler see one pool
+    (rank 0's slots and sizes, which every rank's pool shares); an adapter is cut into every
+    rank's shard once, by `prepare` (the cache's loader threads call it), and each swap-in sends
+    every worker its own shard."""
+
+    def __init__(self, pool: AdapterPool, tp: TensorParallel, config):
+        if tp.rank != 0:
+            raise ValueError("the driver runs on rank 0 of a tensor-parallel group")
+        self.pool, self.tp = pool, tp
+        self._plans = [ShardPlan(config, r, tp.world_size) for r in range(tp.world_size)]
+
+    # what the cache, the registry, the engine and the metrics read: rank 0's pool's own
+    def __getattr__(self, name):
+        if name in _POOL_READS:
+            return getattr(self.pool, name)
+        raise AttributeError(name)
+
+    def pages_for(self, adapter) -> int:
+        return self.pool.pages_for(adapter)
+
+    def projections_of(self, slots) -> frozenset:
+        return self.pool.projections_of(slots)
+
+    def prepare(self, adapter: LoRAAdapter | ShardedAdapter) -> ShardedAdapter:
+        """Every rank's shard of the (whole, validated) adapter; rank 0's packed and planned."""
+        if isinstance(adapter, ShardedAdapter):
+            return adapter
+        shards = shard_for_every_rank(adapter, self._plans).shards
+        return ShardedAdapter((self.pool.prepare(shards[0]), *shards[1:]))
+
+    def load(self, slot: int, adapter: LoRAAdapter | ShardedAdapter) -> None:
+        adapter = self.prepare(adapter)
+        _send(self.tp, ("load", slot))
+        dist.scatter_object_list([None], list(adapter.shards), src=0, group=self.tp.commands)
+        self.pool.load(slot, adapter.shards[0])
+
+    def clear(self, slot: int) -> None:
+        _send(self.tp, ("clear", slot))
+        self.pool.clear(slot)
+
+
+# AdapterPool attributes read by its users; none of them changes a pool
+_POOL_READS = frozenset({"num_pages", "num_slots", "max_block", "max_rank", "max_adapters", "page_rank", "modules",
+                         "device", "dtype", "nbytes"})
+
+
+def worker_loop(runner: ModelRunner, pool: AdapterPool | None, tp: TensorParallel) -> None:
     """A worker rank (> 0): do rank 0's commands on this rank's shard until it says stop."""
-    model = runner.model
-    plan = model.tp.plan(model.config)
     while True:
-        command, *args = _broadcast(None, group)
-        if command == "run":
-            chunks, all_logits, lora_projections = args
-            runner.run(chunks, all_logits=all_logits, lora_projections=lora_projections)  # rank 0 keeps the logits
-        elif command == "load":
-            slot, adapter = args
-            pool.load(slot, shard_adapter(adapter, plan))
-        elif command == "clear":
-            pool.clear(args[0])
-        elif command == "stop":
-            return
-        else:
-            raise RuntimeError(f"unknown tensor-parallel command {command!r}")
+        command, *args = _receive(tp)
+        try:
+            if command == "run":
+                chunks, all_logits, lora_projections, pending = args
+                pending_tokens = None
+                if pending:
+                    pending_tokens = tp.broadcast(torch.empty(pending, dtype=torch.int64, device=runner.device))
+                runner.run(chunks, all_logits=all_logits, pending_tokens=pending_tokens,
+                           lora_projections=lora_projections)  # rank 0 keeps the logits
+            elif command == "warm_up":
+                runner.warm_up(args[0])
+            elif command == "load":
+                box = [None]
+                dist.scatter_object_list(box, None, src=0, group=tp.commands)
+                pool.load(args[0], box[0])
+            elif command == "clear":
+                pool.clear(args[0])
+            elif command == "stop":
+                return
+            else:
+                raise RuntimeError(f"unknown tensor-parallel command {command!r}")
+        except Exception:  # rank 0 met the same error on the same inputs; its engine reports it
+            log.exception("tensor-parallel rank %d: %s failed", tp.rank, command)
 
 
-def _broadcast(command: tuple | None, group) -> tuple:
-    """Rank 0 sends `command`; every other rank returns what it sent."""
-    box = [command]
-    dist.broadcast_object_list(box, src=0, group=group)
+def _send(tp: TensorParallel, command: tuple) -> None:
+    dist.broadcast_object_list([command], src=0, group=tp.commands)
+
+
+def _receive(tp: TensorParallel) -> tuple:
+    box = [None]
+    dist.broadcast_object_list(box, src=0, group=tp.commands)
     return box[0]
-
-
-def _portable(adapter: LoRAAdapter) -> LoRAAdapter:
-    """The adapter as plain CPU tensors (no packed buffer, no pool plans) for pickling."""
-    modules = {key: LoRAModuleWeights(m.lora_a.cpu().contiguous(), m.lora_b.cpu().contiguous(), m.scale,
-                                      None if m.magnitude is None else m.magnitude.cpu())
-               for key, m in adapter.modules.items()}
-    return replace(adapter, modules=modules, buffer=None, layout=None, plans={})

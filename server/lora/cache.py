@@ -334,8 +334,7 @@ class AdapterCache:
         customer_id, version = key
         adapter = read_stored_adapter(self.store, self.store.get_version(customer_id, version), self.model_config,
                                       max_rank=self.max_rank, dtype=self.dtype, pin_memory=self._pin_host_memory)
-        self.pool.plan(adapter)  # made here, off the engine thread
-        return adapter
+        return self.pool.prepare(adapter)  # its plan made here, off the engine thread (shards too, under TP)
 
     def _load_failed(self, key: AdapterKey, token: object | None, error: Exception) -> str:
         """Mark the key failed (unless its load was superseded); returns the message."""

@@ -186,6 +186,15 @@ class AdapterPool:
         extra += self._dora_factors.nbytes + self._dora_slots.nbytes
         return sum(g.nbytes for g in self._groups.values()) + self._scales.nbytes + self._ranks.nbytes + extra
 
+    def prepare(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """The adapter as this pool loads it: packed in the pool's dtype (page-locked on CUDA) and
+        with its plan made, so a later `load` only issues copies (callers do this off the engine
+        thread, or once at registration)."""
+        if adapter.layout is None or adapter.buffer.dtype != self.dtype:
+            adapter = adapter.packed(pin_memory=self._copy_stream is not None, dtype=self.dtype)
+        self.plan(adapter)
+        return adapter
+
     def plan(self, adapter: LoRAAdapter) -> SlotPlan:
         """The adapter's plan for this pool (made once and kept on the adapter); the adapter must be packed."""
         plan = adapter.plans.get(self._plan_key)

@@ -22,10 +22,7 @@ class InMemoryAdapters:
 
     def register(self, key: Hashable, adapter: LoRAAdapter) -> None:
         self.slots.evict(key)  # raises while in use; a replaced adapter is reloaded on next use
-        if adapter.layout is None or adapter.buffer.dtype != self.pool.dtype:  # packed once here, not at every load
-            adapter = adapter.packed(pin_memory=self.pool.device.type == "cuda", dtype=self.pool.dtype)
-        self.pool.plan(adapter)
-        self.adapters[key] = adapter
+        self.adapters[key] = self.pool.prepare(adapter)  # packed and planned once here, not at every load
         self._generation[key] = self._generation.get(key, 0) + 1
 
     def identity(self, key: Hashable) -> Hashable:

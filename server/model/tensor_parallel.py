@@ -135,13 +135,21 @@ class ShardPlan:
         return f.get_tensor(key)  # a row-parallel bias: whole, added once after the all-reduce
 
 
+# A worker waits in its command group's broadcast for as long as the server is idle: no timeout
+# there (a rank 0 that dies is seen by the workers' parent watch, server/engine/tp_group.py).
+COMMAND_TIMEOUT = timedelta(days=365)
+
+
 @dataclass(frozen=True)
 class TensorParallel:
     """This process's place in the group (torch.distributed, already initialised)."""
 
     rank: int
     world_size: int
-    group: object = None  # a torch.distributed ProcessGroup; None = the default group
+    group: object = None  # a torch.distributed ProcessGroup for the forward's tensors; None = the default group
+    # gloo group of the same ranks for rank 0's commands and the ranks' agreements (host objects:
+    # they never touch a device, so under NCCL they do not queue behind a step); None = `group`
+    commands: object = None
 
     def plan(self, config: ModelConfig) -> ShardPlan:
         return ShardPlan(config, self.rank, self.world_size)
@@ -151,18 +159,31 @@ class TensorParallel:
         dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` into every rank's (same shape and dtype), in place, on the forward's group."""
+        dist.broadcast(tensor, src=0, group=self.group)
+        return tensor
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's `value` (sizes the ranks must agree on: KV blocks, pool slots)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.commands)
+        return int(t.item())
+
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str | None = None,
-                         timeout: timedelta | None = None) -> TensorParallel:
-    """Join the group: NCCL when CUDA is there (one GPU per rank, the rank's own), else gloo.
-    `timeout`: how long a collective may wait for the other ranks before it fails (tests)."""
+                         timeout: timedelta | None = None, device_index: int | None = None) -> TensorParallel:
+    """Join the group: NCCL when CUDA is there (one GPU per rank: `device_index`, by default the
+    rank), else gloo; and the gloo command group beside it. `timeout`: how long a collective of
+    the forward may wait for the other ranks before it fails."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank if device_index is None else device_index)
     kwargs = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
-    return TensorParallel(rank, world_size)
+    commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
+    return TensorParallel(rank, world_size, commands=commands)
 
 
 def free_tcp_address(host: str = "127.0.0.1") -> str:
