@@ -79,17 +79,21 @@ def build(shape: str, fmt: str, device: str):
     return engine, build_s, time.perf_counter() - start
 
 
-def decode_steps(engine: Engine, adapters: list[str | None], device: str = "cuda") -> list[float]:
-    params = SamplingParams(max_tokens=WARM_STEPS + DECODE_STEPS + 4, temperature=0, ignore_eos=True)
+def decode_steps(engine: Engine, adapters: list[str | None], device: str = "cuda", prompt: int | None = None,
+                 steps: int | None = None) -> list[float]:
+    """Seconds of each of `steps` (default DECODE_STEPS) decode steps, one sequence per entry of
+    `adapters` (None: the base model), after prefilling `prompt` (default PROMPT) tokens each."""
+    prompt, steps = prompt or PROMPT, steps or DECODE_STEPS
+    params = SamplingParams(max_tokens=WARM_STEPS + steps + 4, temperature=0, ignore_eos=True)
     for i, a in enumerate(adapters):
-        engine.add_request(GenerationRequest([1 + (i * 7 + j) % 30000 for j in range(PROMPT)], params, adapter=a))
+        engine.add_request(GenerationRequest([1 + (i * 7 + j) % 30000 for j in range(prompt)], params, adapter=a))
     while any(s.num_cached_tokens < len(s.prompt_ids) for s in engine.scheduler.running) or engine.scheduler.num_waiting:
         engine.step()
     for _ in range(WARM_STEPS):
         engine.step()
     _sync(device)
     times = []
-    for _ in range(DECODE_STEPS):
+    for _ in range(steps):
         start = time.perf_counter()
         engine.step()
         _sync(device)

@@ -24,10 +24,11 @@ LLAMA3_8B = dict(
 )
 
 
-def random_model(shape: dict, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaModel:
+def random_model(shape: dict, dtype: torch.dtype, device: str, seed: int = 0, tp=None) -> LlamaModel:
+    """Random weights made on the device; with `tp` (server/model/tensor_parallel.py), that rank's shard."""
     cfg = ModelConfig.from_hf_dict(shape)
     with torch.device("meta"):
-        model = LlamaModel(cfg).to(dtype)
+        model = LlamaModel(cfg, tp).to(dtype)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

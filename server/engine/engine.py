@@ -154,10 +154,11 @@ class Engine:
         return engine
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers this engine started (nothing otherwise). The engine
-        must not step any more."""
-        if self.tp_group is not None:
+        """Release the tensor-parallel workers from their loop, and wait for those this engine
+        started (nothing without tensor parallelism). The engine must not step any more."""
+        if isinstance(self.runner, DrivenRunner) and not self.runner.stopped:
             self.runner.stop()
+        if self.tp_group is not None:
             self.tp_group.close()
             self.tp_group = None
 

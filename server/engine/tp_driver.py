@@ -48,6 +48,7 @@ class DrivenRunner:
             raise ValueError("the driver runs on rank 0 of a tensor-parallel group")
         self.runner, self.tp = runner, tp
         self.model, self.kv_cache, self.device = runner.model, runner.kv_cache, runner.device
+        self.stopped = False
 
     def run(self, chunks: list[SequenceChunk], all_logits: bool = False, pending_tokens: torch.Tensor | None = None,
             lora_projections: frozenset | None = None) -> torch.Tensor:
@@ -69,6 +70,7 @@ class DrivenRunner:
     def stop(self) -> None:
         """Release the workers from their loop (they return from `worker_loop`)."""
         _send(self.tp, ("stop",))
+        self.stopped = True
 
 
 class ShardedAdapterPool:
@@ -100,7 +102,8 @@ class ShardedAdapterPool:
         if isinstance(adapter, ShardedAdapter):
             return adapter
         shards = shard_for_every_rank(adapter, self._plans).shards
-        return ShardedAdapter((self.pool.prepare(shards[0]), *shards[1:]))
+        # the workers' shards travel pickled: on the host (a device tensor would unpickle on rank 0's GPU)
+        return ShardedAdapter((self.pool.prepare(shards[0]), *(s.to("cpu") for s in shards[1:])))
 
     def load(self, slot: int, adapter: LoRAAdapter | ShardedAdapter) -> None:
         adapter = self.prepare(adapter)

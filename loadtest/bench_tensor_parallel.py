@@ -1,0 +1,280 @@
+"""Tensor parallelism over the GPUs of one host (issue 17): the engine's decode step on 1, 2, 4
+GPUs, for the base model and with every sequence on its own tenant's adapter.
+
+    PYTHONPATH=. python3 loadtest/bench_tensor_parallel.py --shape llama2-7b --tp 1,2,4 --out DIR
+    PYTHONPATH=. python3 loadtest/bench_tensor_parallel.py --shape llama2-70b --tp 2,4 --out DIR
+
+No checkpoint: a 70B bf16 one (140 GB) would not fit a 2-GPU machine's disk. Each rank makes its
+own shard of a random model on its GPU (`loadtest/random_model.random_model(..., tp=)`), so the
+weights differ from a loaded checkpoint's but not their shapes, bytes or kernels. For each size
+the group is spawned fresh (torch.multiprocessing, NCCL): the workers follow rank 0's engine
+(server/engine/tp_driver.py) exactly as under `loraplex serve --tensor-parallel-size`; rank 0
+registers TENANTS rank-16 q,k,v,o adapters, makes them resident, then for each batch size
+prefills PROMPT tokens per sequence and times DECODE_STEPS decode steps one by one (CUDA graphs,
+which hold the all-reduces), for the base model and with one distinct adapter per sequence.
+Each step gives every sequence a token, so the step time is the inter-token latency.
+
+Reported per size: step (ITL) p50/p90 and tokens/s; against one GPU's run of the same shape,
+the step ratio (target at 2 GPUs: <= 0.6 for the 7B) and the LoRA/base throughput ratio (target:
+within 5% of one GPU's); the roofline of one rank's bytes (its projections' shard, the whole
+replicated LM head, its KV heads' cache, its shard of each adapter) over the copy bandwidth
+(target 70B on 2: ITL p50 <= 1.3x); and the all-reduce share of the step, two ways: a profile
+of graph-replayed steps on rank 0 (time in NCCL kernels over the profiled steps' time), and the
+step's all-reduces alone (2 per layer of a batch x hidden activation, timed in a CUDA graph).
+
+`--device cpu --shape tiny` is the smoke test's (gloo processes): the same code and JSON.
+Writes tensor_parallel_<shape>_h200.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from loadtest.bench_quantized import WARM_STEPS, decode_steps
+from loadtest.random_model import LLAMA2_7B, LLAMA2_70B, StubTokenizer, random_adapter, random_model
+from loadtest.roofline import DecodeBytes, copy_bandwidth, roofline
+from server.config import Settings
+from server.engine.engine import Engine, build_device_state
+from server.engine.tp_driver import worker_loop
+from server.model.quantized import weight_bytes
+from server.model.tensor_parallel import free_tcp_address, init_tensor_parallel
+
+TINY = dict(LLAMA2_7B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512)
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama2-70b": LLAMA2_70B, "tiny": TINY}
+RANK = 16
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROFILE_STEPS = 8
+STEP_RATIO_TARGET = 0.6  # 7B decode step on 2 GPUs over 1 GPU's
+ROOFLINE_TARGET = 1.3  # 70B on 2 GPUs, ITL p50 over its roofline
+LORA_RATIO_TOLERANCE = 0.05  # LoRA/base throughput ratio under TP against one GPU's
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    parser.add_argument("--tp", default="1,2", help="comma-separated group sizes, e.g. 1,2,4")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--tenants", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only for the smoke test (--shape tiny)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "loadtest/results"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = [int(n) for n in args.tp.split(",")]
+    if args.device == "cuda" and max(sizes) > torch.cuda.device_count():
+        raise SystemExit(f"--tp {args.tp} needs {max(sizes)} GPUs; this machine has {torch.cuda.device_count()}")
+    spec = {"shape": args.shape, "batches": [int(b) for b in args.batches.split(",")], "tenants": args.tenants,
+            "prompt": args.prompt, "decode_steps": args.decode_steps, "device": args.device}
+    bandwidth = copy_bandwidth("cuda:0" if args.device == "cuda" else "cpu")["bytes_per_s"]
+    result = {"command": "PYTHONPATH=. python3 loadtest/bench_tensor_parallel.py " + " ".join(argv or []),
+              "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+              "gpus_on_host": torch.cuda.device_count() if args.device == "cuda" else 0,
+              "copy_bandwidth_bytes_per_s": bandwidth, "torch": torch.__version__, "rank": RANK,
+              "modules": list(QKVO), **spec, "runs": []}
+    path = out / f"tensor_parallel_{args.shape}_h200.json"
+    for world in sizes:
+        run_path = out / f".tp{world}.json"
+        start = time.perf_counter()
+        if world == 1:
+            rank_main(0, 1, "", spec, str(run_path))
+        else:
+            mp.spawn(rank_main, args=(world, free_tcp_address(), spec, str(run_path)), nprocs=world, join=True)
+        run = json.loads(run_path.read_text())
+        run_path.unlink()
+        run["wall_s"] = time.perf_counter() - start
+        for row in run["rows"]:
+            roof = roofline(DecodeBytes(**run["rank_bytes"]), row["batch"], run["mean_context"],
+                            row["distinct_adapters"], bandwidth)
+            row.update(roofline_step_s=roof["step_s"], over_roofline=row["step_p50_s"] / roof["step_s"])
+        result["runs"].append(run)
+        print(json.dumps({k: v for k, v in run.items() if k != "rows"}), flush=True)
+        path.write_text(json.dumps(result, indent=2))  # after each size
+    result["targets"] = targets(result)
+    path.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(json.dumps(result["targets"], indent=2))
+
+
+def rank_main(rank: int, world: int, address: str, spec: dict, out_path: str) -> None:
+    """One rank of a group of `world` (rank 0 measures; the others follow its engine)."""
+    on_cuda = spec["device"] == "cuda"
+    device = f"cuda:{rank}" if on_cuda else "cpu"
+    if on_cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    tp = None
+    if world > 1:
+        tp = init_tensor_parallel(rank, world, address, backend="nccl" if on_cuda else "gloo",
+                                  device_index=rank if on_cuda else None)
+    shape = SHAPES[spec["shape"]]
+    batch = max(spec["batches"])
+    all_reduce_s = all_reduce_time(tp, batch, shape["hidden_size"], device) if tp is not None else 0.0
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    model = random_model(shape, dtype, device, seed=rank, tp=tp)
+    max_len = spec["prompt"] + WARM_STEPS + spec["decode_steps"] + 16
+    settings = Settings(device=device, dtype=str(dtype).removeprefix("torch."), max_loras=spec["tenants"],
+                        max_lora_rank=RANK, max_num_seqs=batch, max_num_batched_tokens=512, max_model_len=max_len,
+                        num_kv_blocks=batch * (-(-max_len // 16) + 1) + 16)
+    if rank > 0:
+        pool, _, _, runner = build_device_state(model, settings)
+        worker_loop(runner, pool, tp)
+    else:
+        run = measure(Engine(model, StubTokenizer(), settings), spec, world, all_reduce_s)
+        Path(out_path).write_text(json.dumps(run))
+    if tp is not None:
+        dist.barrier(group=tp.commands)
+        dist.destroy_process_group()
+
+
+def measure(engine: Engine, spec: dict, world: int, all_reduce_s: float) -> dict:
+    """Rank 0: adapters registered and resident, then each batch size with and without them."""
+    device = str(engine.device)
+    model, cfg = engine.model, engine.model.config
+    names = [f"t{i}" for i in range(spec["tenants"])]
+    for i, name in enumerate(names):
+        engine.add_adapter(name, random_adapter(cfg, RANK, QKVO, seed=i, dtype=engine.dtype))
+    batch = max(spec["batches"])
+    for start in range(0, len(names), batch):  # every adapter resident in its slot
+        decode_steps(engine, names[start : start + batch], device, spec["prompt"], 2)
+    rows = []
+    for b in spec["batches"]:
+        for with_adapters in (False, True):
+            adapters = [names[i % len(names)] for i in range(b)] if with_adapters else [None] * b
+            decode_steps(engine, adapters, device, spec["prompt"], spec["decode_steps"])  # warm-up at this size
+            times = decode_steps(engine, adapters, device, spec["prompt"], spec["decode_steps"])
+            p50 = statistics.median(times)
+            rows.append({"batch": b, "tenants": len(set(adapters)) if with_adapters else 0,
+                         "distinct_adapters": len(set(adapters)) if with_adapters else 0, "step_p50_s": p50,
+                         "step_p90_s": statistics.quantiles(times, n=10)[-1], "itl_p50_s": p50,
+                         "tokens_per_s": b / p50})
+            print(json.dumps({"tp": world, **rows[-1]}), flush=True)
+    share = {f"{'tenants' if a else 'base'}": profile_all_reduce_share(engine, names[:batch] if a else [None] * batch,
+                                                                        spec)
+             for a in (False, True)} if world > 1 else {}
+    engine.close()
+    weights = weight_bytes(model)
+    head = (model.lm_head if model.lm_head is not None else model.embed_tokens.weight).nbytes  # replicated
+    shard = model.shard_config
+    kv_per_token = 2 * shard.num_layers * shard.num_kv_heads * shard.head_dim * engine.kv_cache.k.element_size()
+    one = random_adapter(cfg, RANK, QKVO, seed=0, dtype=engine.dtype)
+    adapter = engine.pool.prepare(one).shards[0].nbytes if world > 1 else one.nbytes  # one rank's shard
+    return {"tp": world, "rows": rows, "mean_context": spec["prompt"] + WARM_STEPS + spec["decode_steps"] / 2,
+            "rank_bytes": {"weights": weights["projections"] + head, "kv_per_token": kv_per_token, "adapter": adapter},
+            "step_all_reduces_alone_s": 2 * cfg.num_layers * all_reduce_s, "all_reduce_share_profiled": share,
+            "memory": {"weight_bytes": weights, "kv_cache_bytes": engine.kv_cache.nbytes,
+                       "adapter_pool_bytes": engine.pool.nbytes,
+                       "max_memory_allocated_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda")
+                       else None}}
+
+
+def all_reduce_time(tp, rows: int, hidden: int, device: str, calls: int = 20) -> float:
+    """Seconds of one all-reduce of the decode step's (rows, hidden) activation (every rank calls
+    this: a collective). On CUDA, timed in a CUDA graph of `calls` of them, as the step replays them."""
+    x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    for _ in range(3):
+        tp.all_reduce(x)
+    if not device.startswith("cuda"):
+        start = time.perf_counter()
+        for _ in range(calls):
+            tp.all_reduce(x)
+        return (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            tp.all_reduce(x)
+    samples = []
+    for _ in range(5):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) / 1000 / calls)
+    return statistics.median(samples)
+
+
+def profile_all_reduce_share(engine: Engine, adapters: list, spec: dict) -> dict:
+    """Rank 0's profile of PROFILE_STEPS decode steps: time in all-reduce kernels (NCCL on CUDA;
+    gloo's ops on the CPU) over the steps' wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        times = decode_steps(engine, adapters, str(engine.device), spec["prompt"], PROFILE_STEPS)
+        wall = time.perf_counter() - start
+    reduce_s = 0.0
+    for event in prof.key_averages():
+        name = event.key.lower()
+        if "allreduce" in name or "all_reduce" in name:
+            if on_cuda and "nccl" in name and event.device_type.name == "CUDA":
+                reduce_s += event.device_time_total / 1e6
+            elif not on_cuda and name.startswith("gloo"):
+                reduce_s += event.cpu_time_total / 1e6
+    steps_s = sum(times)
+    return {"all_reduce_s_per_step": reduce_s / PROFILE_STEPS, "step_s": steps_s / PROFILE_STEPS,
+            "share": reduce_s / steps_s if steps_s else None, "profiled_wall_s": wall,
+            "note": "includes the prefill steps' all-reduces" if reduce_s > steps_s else ""}
+
+
+def targets(result: dict) -> dict:
+    runs = {run["tp"]: run for run in result["runs"]}
+    batch = max(result["batches"])
+
+    def row(tp: int, tenants: bool) -> dict:
+        return next(r for r in runs[tp]["rows"] if r["batch"] == batch and (r["tenants"] > 0) == tenants)
+
+    t = {}
+    for tp in sorted(runs):
+        lora_ratio = row(tp, True)["tokens_per_s"] / row(tp, False)["tokens_per_s"]
+        t[f"tp{tp}"] = {"itl_p50_base_s": row(tp, False)["itl_p50_s"], "itl_p50_tenants_s": row(tp, True)["itl_p50_s"],
+                        "lora_over_base_throughput": lora_ratio,
+                        "over_roofline_base": row(tp, False)["over_roofline"]}
+        if 1 in runs and tp > 1:
+            t[f"tp{tp}"].update(step_over_one_gpu_base=row(tp, False)["step_p50_s"] / row(1, False)["step_p50_s"],
+                                scaling_efficiency=row(1, False)["step_p50_s"] / row(tp, False)["step_p50_s"] / tp,
+                                lora_ratio_vs_one_gpu=lora_ratio / t["tp1"]["lora_over_base_throughput"] - 1)
+    if result["shape"] == "llama2-7b" and "tp2" in t and "step_over_one_gpu_base" in t["tp2"]:
+        t["7b_2gpu_step_target"] = f"<= {STEP_RATIO_TARGET}: {'met' if t['tp2']['step_over_one_gpu_base'] <= STEP_RATIO_TARGET else 'missed'}"
+    if result["shape"] == "llama2-70b" and "tp2" in t:
+        met = t["tp2"]["over_roofline_base"] <= ROOFLINE_TARGET
+        t["70b_2gpu_roofline_target"] = f"<= {ROOFLINE_TARGET}x: {'met' if met else 'missed'}"
+    for tp in sorted(runs):
+        if tp > 1 and "lora_ratio_vs_one_gpu" in t[f"tp{tp}"]:
+            met = abs(t[f"tp{tp}"]["lora_ratio_vs_one_gpu"]) <= LORA_RATIO_TOLERANCE
+            t[f"tp{tp}_lora_ratio_target"] = f"within {LORA_RATIO_TOLERANCE:.0%}: {'met' if met else 'missed'}"
+    return t
+
+
+def table(result: dict) -> str:
+    lines = [f"{'TP':>2} {'batch':>5} {'tenants':>7} {'ITL p50 ms':>10} {'p90 ms':>7} {'roofline ms':>11} "
+             f"{'x roof':>6} {'tok/s':>8}"]
+    for run in result["runs"]:
+        for r in run["rows"]:
+            lines.append(f"{run['tp']:2d} {r['batch']:5d} {r['tenants']:7d} {1000 * r['step_p50_s']:10.2f} "
+                         f"{1000 * r['step_p90_s']:7.2f} {1000 * r['roofline_step_s']:11.2f} "
+                         f"{r['over_roofline']:6.2f} {r['tokens_per_s']:8.0f}")
+        if run["tp"] > 1:
+            lines.append(f"   all-reduces alone per step: {1000 * run['step_all_reduces_alone_s']:.2f} ms; profiled share: "
+                         + ", ".join(f"{k} {v['share']:.1%}" for k, v in run["all_reduce_share_profiled"].items()
+                                     if v["share"] is not None))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Smoke test of loadtest/bench_tensor_parallel.py on the CPU: a tiny random model at TP=1 and in
+a TP=2 gloo group, a few tenants, short runs; the JSON has every row, figure and target the
+multi-GPU run reports."""
+
+import json
+
+import pytest
+
+from loadtest import bench_tensor_parallel
+
+pytestmark = pytest.mark.slow  # two spawned groups: about 30 s on two cores
+
+
+def test_bench_runs_and_reports(tmp_path):
+    bench_tensor_parallel.main(["--shape", "tiny", "--tp", "1,2", "--device", "cpu", "--batches", "1,4",
+                                "--tenants", "4", "--prompt", "8", "--decode-steps", "4", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "tensor_parallel_tiny_h200.json").read_text())
+    assert [run["tp"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert [(r["batch"], r["tenants"]) for r in run["rows"]] == [(1, 0), (1, 1), (4, 0), (4, 4)]
+        for row in run["rows"]:
+            assert row["step_p50_s"] > 0 and row["roofline_step_s"] > 0 and row["tokens_per_s"] > 0
+    one, two = result["runs"]
+    assert two["rank_bytes"]["weights"] < one["rank_bytes"]["weights"]  # each rank reads its shard
+    assert two["rank_bytes"]["adapter"] < one["rank_bytes"]["adapter"]
+    assert two["rank_bytes"]["kv_per_token"] * 2 == one["rank_bytes"]["kv_per_token"]  # 2 KV heads over 2 ranks
+    assert two["step_all_reduces_alone_s"] > 0
+    assert all(0 < v["share"] < 1 for v in two["all_reduce_share_profiled"].values())
+    assert set(result["targets"]["tp2"]) >= {"step_over_one_gpu_base", "scaling_efficiency", "lora_ratio_vs_one_gpu"}
+
+
+def test_the_shapes_are_the_issues():
+    cfg = bench_tensor_parallel.SHAPES["llama2-70b"]
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (80, 8192, 8)
+    assert bench_tensor_parallel.SHAPES["llama2-7b"]["hidden_size"] == 4096
