@@ -12,6 +12,8 @@
 #   bash loadtest/gpu_session.sh quantized 70b   # the 70B shape in nf4 (< 10 min), quantized_bench_llama2-70b_h200.json
 #   bash loadtest/gpu_session.sh quantized kernels   # each projection's x W^T alone, and the fused kernel's tuning
 #   bash loadtest/gpu_session.sh prefix [bench_prefix_structured.py args]   # prefix caching on/off, structured outputs
+#   bash loadtest/gpu_session.sh tp 7b [--tp 1,2,4]   # issue 17: TP GPU tests, then the 7B on 1/2/4 GPUs
+#   bash loadtest/gpu_session.sh tp 70b [--tp 2,4]    # the 70B bf16 on 2 and 4 GPUs (multi-GPU kinds)
 #
 # peft and scale leave their checkpoint in /tmp/bench; upload serves it when it is there.
 #
@@ -29,7 +31,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-mode=${1:?tests, micro, dora, serving, peft, scale, upload, quantized or prefix}
+mode=${1:?tests, micro, dora, serving, peft, scale, upload, quantized, prefix or tp}
 shift
 
 case "$mode" in
@@ -42,6 +44,20 @@ case "$mode" in
       tests/test_paged_attention_gpu.py tests/test_fused_elementwise_gpu.py tests/test_engine_gpu.py tests/test_lora_forward_gpu.py \
       tests/test_lora_kernels_gpu.py tests/test_dora_gpu.py tests/test_quantized_gpu.py tests/test_prefix_logprobs_structured_gpu.py -k "not sweep" "$@" 2>&1 \
       | tee -a "$OUT/gpu_tests.log"
+    ;;
+  tp)
+    # tensor parallelism: the GPU tests (NCCL with two GPUs; on one, both ranks share it through gloo),
+    # then the benchmark; every size in --tp must have its GPUs
+    part=${1:?7b or 70b}
+    shift
+    nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv
+    if [ "$part" = 7b ]; then
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tensor_parallel_gpu.py 2>&1 | tee "$OUT/tp_gpu_tests.log"
+      timeout 480 python3 loadtest/bench_tensor_parallel.py --shape llama2-7b --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_7b.log"
+    fi
+    if [ "$part" = 70b ]; then
+      timeout 580 python3 loadtest/bench_tensor_parallel.py --shape llama2-70b --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_70b.log"
+    fi
     ;;
   prefix)
     timeout 590 python3 loadtest/bench_prefix_structured.py --out "$OUT" --tokenizer .bench/tokenizer "$@" 2>&1 \

@@ -21,11 +21,11 @@ MAX_RANK = 16
 NUM_BLOCKS, BLOCK_SIZE = 48, 4
 
 
-def run_case(case: dict, tp=None) -> list[torch.Tensor]:
+def run_case(case: dict, tp=None, device: str = "cpu") -> list[torch.Tensor]:
     """Every step's logits (all tokens' rows) for one case; `tp`: this rank's TensorParallel."""
     from server.lora.sharding import shard_adapter
 
-    runner, pool = _build(case, tp)
+    runner, pool = _build(case, tp, device)
     model = runner.model
 
     def load(slot, adapter):
@@ -34,12 +34,12 @@ def run_case(case: dict, tp=None) -> list[torch.Tensor]:
     return _run_steps(case, runner.run, _load_adapters(case, model.config, load))
 
 
-def run_case_driven(case: dict, tp) -> list[torch.Tensor] | None:
+def run_case_driven(case: dict, tp, device: str = "cpu") -> list[torch.Tensor] | None:
     """The case through server/engine/tp_driver.py: rank 0 loads and runs, the others follow
     (returns rank 0's logits; None on the others)."""
     from server.engine.tp_driver import DrivenRunner, ShardedAdapterPool, worker_loop
 
-    runner, pool = _build(case, tp)
+    runner, pool = _build(case, tp, device)
     if tp.rank > 0:
         worker_loop(runner, pool, tp)
         return None
@@ -51,21 +51,21 @@ def run_case_driven(case: dict, tp) -> list[torch.Tensor] | None:
         driven.stop()
 
 
-def _build(case: dict, tp):
+def _build(case: dict, tp, device: str):
     """(runner, adapter pool or None) over a KV cache of random values."""
     from server.lora.pool import AdapterPool
     from server.model.kv_cache import KVCache
     from server.model.loader import load_model
     from server.model.runner import ModelRunner
 
-    model = load_model(case["model_dir"], torch.float32, "cpu", tp=tp)
+    model = load_model(case["model_dir"], torch.float32, device, tp=tp)
     shard = model.shard_config
-    kv = KVCache(shard.num_layers, NUM_BLOCKS, BLOCK_SIZE, shard.num_kv_heads, shard.head_dim, torch.float32, "cpu")
+    kv = KVCache(shard.num_layers, NUM_BLOCKS, BLOCK_SIZE, shard.num_kv_heads, shard.head_dim, torch.float32, device)
     generator = torch.Generator().manual_seed(7)
-    kv.k.normal_(generator=generator)
-    kv.v.normal_(generator=generator)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=generator))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=generator))
     pool = AdapterPool(model, max_adapters=len(case["adapter_dirs"]) + 1, max_rank=MAX_RANK) if case["adapter_dirs"] else None
-    return ModelRunner(model, kv, "cpu"), pool
+    return ModelRunner(model, kv, device), pool
 
 
 def _load_adapters(case: dict, config, load) -> list[int]:
@@ -86,22 +86,29 @@ def _run_steps(case: dict, run, slots: list[int]) -> list[torch.Tensor]:
     for step in case["steps"]:
         chunks = [SequenceChunk(tokens, start, table, lora_slot=slots[a] if a >= 0 else -1)
                   for tokens, start, table, a in step]
-        logits.append(run(chunks, all_logits=True).clone())
+        logits.append(run(chunks, all_logits=True).cpu())
     return logits
 
 
 def worker(rank: int, world_size: int, init_method: str, spec_path: str) -> None:
     """One rank of the group (torch.multiprocessing.spawn's target): every case of the spec, then
-    the spec's `driven` cases through the rank-0 driver; logits saved to <out_dir>/rank<r>.pt."""
+    the spec's `driven` cases through the rank-0 driver; logits saved to <out_dir>/rank<r>.pt.
+    The spec's `backend` (default gloo) and `device` (default cpu): under NCCL rank r runs on
+    cuda:r; under gloo every rank on `device` (on one GPU: both ranks share it)."""
     from server.model.tensor_parallel import init_tensor_parallel
 
     torch.set_num_threads(1)  # two ranks on a two-core machine
     spec = json.loads(Path(spec_path).read_text())
-    tp = init_tensor_parallel(rank, world_size, init_method, backend="gloo", timeout=timedelta(seconds=120))
+    backend = spec.get("backend", "gloo")
+    device = f"cuda:{rank}" if backend == "nccl" else spec.get("device", "cpu")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    tp = init_tensor_parallel(rank, world_size, init_method, backend=backend, timeout=timedelta(seconds=120),
+                              device_index=torch.device(device).index)
     try:
-        results = {name: run_case(case, tp) for name, case in spec["cases"].items()}
+        results = {name: run_case(case, tp, device) for name, case in spec["cases"].items()}
         for name in spec["driven"]:
-            results[f"driven:{name}"] = run_case_driven(spec["cases"][name], tp)
+            results[f"driven:{name}"] = run_case_driven(spec["cases"][name], tp, device)
     finally:
         torch.distributed.destroy_process_group()
     torch.save(results, Path(spec["out_dir"]) / f"rank{rank}.pt")

@@ -74,11 +74,10 @@ def _steps(with_adapters: bool) -> list:
     ]
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tp")
+def write_cases(root, models: dict) -> dict:
+    """Each model's checkpoint and adapters under `root`; the spec of its base and mixed cases."""
     spec = {}
-    for m, (name, build) in enumerate(sorted(MODELS.items())):
+    for m, (name, build) in enumerate(sorted(models.items())):
         hf = build()
         model_dir = root / name
         hf.save_pretrained(model_dir)
@@ -91,7 +90,13 @@ def cases(tmp_path_factory):
             adapter_dirs.append(str(root / f"{name}-{adapter}"))
         spec[f"{name}/base"] = dict(model_dir=str(model_dir), adapter_dirs=[], steps=_steps(False))
         spec[f"{name}/mixed"] = dict(model_dir=str(model_dir), adapter_dirs=adapter_dirs, steps=_steps(True))
-    return root, spec
+    return spec
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return root, write_cases(root, MODELS)
 
 
 @pytest.fixture(scope="module")
