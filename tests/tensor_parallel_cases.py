@@ -49,6 +49,7 @@ def run_case_driven(case: dict, tp, device: str = "cpu") -> list[torch.Tensor] |
         return _run_steps(case, driven.run, _load_adapters(case, runner.model.config, sharded.load))
     finally:
         driven.stop()
+        sharded.blocks.unlink_all()
 
 
 def _build(case: dict, tp, device: str):

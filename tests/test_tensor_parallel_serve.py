@@ -125,8 +125,13 @@ def test_tp2_server_answers_as_the_single_process_one(files, single_answers, tmp
         assert len(_worker_pids(server)) == 1, "rank 1 runs in a process of its own"
         _upload(server, adapters)
         answers = _answers(server)
+        blocks = list(Path("/dev/shm").glob(f"loraplex_{server.proc.pid}_*"))
+        assert blocks, "the worker's shards went through shared memory"
     finally:
         assert server.stop() == 0, server.log_tail()
+    assert not [b for b in blocks if b.exists()], "shared-memory shards left behind"
+    log = server.log_path.read_text()
+    assert "leaked" not in log and "Traceback" not in log, server.log_tail()  # no worker command failed
     for how, expected in single_answers.items():
         texts = {key: text for key, (text, _) in expected.items()}
         assert len({texts[(tenant, PROMPTS[0])] for tenant in (None, *TENANTS)}) == 3, "the adapters change nothing"

@@ -161,6 +161,8 @@ class Engine:
         if self.tp_group is not None:
             self.tp_group.close()
             self.tp_group = None
+        if isinstance(self.pool, ShardedAdapterPool):
+            self.pool.blocks.unlink_all()  # the workers are done with every shared-memory shard
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Engine":

@@ -11,13 +11,15 @@ the same adapter in the same pool slot. Workers sit in `worker_loop`, doing what
                                  device (on the forward's group: stream-ordered, no host sync)
     warm_up(capture_graphs)      the same warm-up and CUDA graphs on every rank (the graphs hold
                                  the all-reduces)
-    load(slot) + each rank's shard (a scatter after the command): server/lora/sharding.py
-    clear(slot)
+    load(slot, unlink) + each rank's shard (a scatter after the command: the name of a
+                                 shared-memory block holding it, server/lora/shard_transport.py)
+    clear(slot, unlink)          `unlink`: blocks of shards rank 0 has dropped, for the worker
+                                 to remove (it has read them, if at all, before: commands are in order)
     stop()
 
 Commands are pickled Python objects broadcast over the group's gloo command group
 (TensorParallel.commands), so they never queue behind a step on a device: a step's chunks are a
-few kilobytes; adapter shards travel only on a swap-in, and only each rank's own.
+few kilobytes, and a swap-in's are names and layouts.
 
 A call that fails on rank 0 fails the same way on the workers (the same inputs, the same
 checks): a worker logs it and waits for the next command. A worker that dies ends the group
@@ -33,6 +35,7 @@ import torch.distributed as dist
 
 from server.lora.adapter import LoRAAdapter
 from server.lora.pool import AdapterPool
+from server.lora.shard_transport import SharedBlocks, ShardMessage, load_shared_shard, unlink_now
 from server.lora.sharding import ShardedAdapter, shard_for_every_rank
 from server.model.runner import ModelRunner, SequenceChunk
 from server.model.tensor_parallel import ShardPlan, TensorParallel
@@ -76,14 +79,15 @@ class DrivenRunner:
 class ShardedAdapterPool:
     """Rank 0's AdapterPool under tensor parallelism: the caches and the scheduler see one pool
     (rank 0's slots and sizes, which every rank's pool shares); an adapter is cut into every
-    rank's shard once, by `prepare` (the cache's loader threads call it), and each swap-in sends
-    every worker its own shard."""
+    rank's shard once, by `prepare` (the cache's loader threads call it), the workers' into
+    shared memory, and each swap-in sends every worker the name of its own shard's block."""
 
     def __init__(self, pool: AdapterPool, tp: TensorParallel, config):
         if tp.rank != 0:
             raise ValueError("the driver runs on rank 0 of a tensor-parallel group")
         self.pool, self.tp = pool, tp
         self._plans = [ShardPlan(config, r, tp.world_size) for r in range(tp.world_size)]
+        self.blocks = SharedBlocks()
 
     # what the cache, the registry, the engine and the metrics read: rank 0's pool's own
     def __getattr__(self, name):
@@ -102,17 +106,20 @@ class ShardedAdapterPool:
         if isinstance(adapter, ShardedAdapter):
             return adapter
         shards = shard_for_every_rank(adapter, self._plans).shards
-        # the workers' shards travel pickled: on the host (a device tensor would unpickle on rank 0's GPU)
-        return ShardedAdapter((self.pool.prepare(shards[0]), *(s.to("cpu") for s in shards[1:])))
+        # the workers' shards in shared memory; by value (on the host: a device tensor would
+        # unpickle on rank 0's GPU) where there is none
+        return ShardedAdapter((self.pool.prepare(shards[0]),
+                               *(self.blocks.put(s.to("cpu"), self.pool.dtype) for s in shards[1:])))
 
     def load(self, slot: int, adapter: LoRAAdapter | ShardedAdapter) -> None:
         adapter = self.prepare(adapter)
-        _send(self.tp, ("load", slot))
-        dist.scatter_object_list([None], list(adapter.shards), src=0, group=self.tp.commands)
+        _send(self.tp, ("load", slot, self.blocks.take_released()))
+        parts = [None] + [getattr(s, "message", s) for s in adapter.shards[1:]]  # a ShardMessage, or the shard
+        dist.scatter_object_list([None], parts, src=0, group=self.tp.commands)
         self.pool.load(slot, adapter.shards[0])
 
     def clear(self, slot: int) -> None:
-        _send(self.tp, ("clear", slot))
+        _send(self.tp, ("clear", slot, self.blocks.take_released()))
         self.pool.clear(slot)
 
 
@@ -136,11 +143,18 @@ def worker_loop(runner: ModelRunner, pool: AdapterPool | None, tp: TensorParalle
             elif command == "warm_up":
                 runner.warm_up(args[0])
             elif command == "load":
+                slot, unlink = args
+                unlink_now(unlink)
                 box = [None]
                 dist.scatter_object_list(box, None, src=0, group=tp.commands)
-                pool.load(args[0], box[0])
+                if isinstance(box[0], ShardMessage):
+                    load_shared_shard(pool.load, slot, box[0])
+                else:
+                    pool.load(slot, box[0])
             elif command == "clear":
-                pool.clear(args[0])
+                slot, unlink = args
+                unlink_now(unlink)
+                pool.clear(slot)
             elif command == "stop":
                 return
             else:
