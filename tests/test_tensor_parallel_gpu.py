@@ -88,3 +88,27 @@ def test_engine_on_two_gpus_generates_the_single_gpu_tokens(tmp_path):
     single, split = generate(1), generate(2)
     assert len({tuple(t) for t in single}) > 1
     assert split == single
+
+
+def test_an_nccl_all_reduce_replays_inside_a_cuda_graph():
+    """What the ranks' step graphs rely on (every GPU count: a group of one still runs NCCL's
+    kernels): torch.distributed's NCCL all-reduce captured in a CUDA graph sums on each replay."""
+    import torch.distributed as dist
+
+    from server.model.tensor_parallel import init_tensor_parallel
+
+    tp = init_tensor_parallel(0, 1, free_tcp_address(), backend="nccl", device_index=0)
+    try:
+        x = torch.ones(64, 4096, device="cuda", dtype=torch.bfloat16)
+        tp.all_reduce(x)  # the communicator is made outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = tp.all_reduce(x * 3)
+        x.fill_(2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, torch.full_like(y, 6))
+    finally:
+        dist.destroy_process_group()
