@@ -183,9 +183,6 @@ class Settings:
             raise ValueError(f"quantize must be nf4, fp8 or none, not {self.quantize!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
-        if self.tensor_parallel_size > 1 and self.quantize not in {"", "none"}:
-            raise ValueError("quantize: quantized weights are not split over tensor-parallel ranks yet; "
-                             "use tensor_parallel_size 1 or no quantization")
         if self.dtype not in {"auto", "float32", "bfloat16", "float16"}:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not 0 <= self.port <= 65535:

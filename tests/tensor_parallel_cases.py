@@ -21,11 +21,12 @@ MAX_RANK = 16
 NUM_BLOCKS, BLOCK_SIZE = 48, 4
 
 
-def run_case(case: dict, tp=None, device: str = "cpu") -> list[torch.Tensor]:
-    """Every step's logits (all tokens' rows) for one case; `tp`: this rank's TensorParallel."""
+def run_case(case: dict, tp=None, device: str = "cpu", model=None) -> list[torch.Tensor]:
+    """Every step's logits (all tokens' rows) for one case; `tp`: this rank's TensorParallel;
+    `model`: one already built (else the case's checkpoint, quantized as the case says)."""
     from server.lora.sharding import shard_adapter
 
-    runner, pool = _build(case, tp, device)
+    runner, pool = _build(case, tp, device, model)
     model = runner.model
 
     def load(slot, adapter):
@@ -52,14 +53,23 @@ def run_case_driven(case: dict, tp, device: str = "cpu") -> list[torch.Tensor] |
         sharded.blocks.unlink_all()
 
 
-def _build(case: dict, tp, device: str):
+def dense_projections(model) -> dict:
+    """(layer, HF module) -> its weight as this rank's model computes with it (dequantized)."""
+    from server.lora.pool import PROJECTION_SLICES
+
+    return {(layer, module): proj.dense_weight(i).float().cpu()
+            for layer, name, proj in model.projections() for i, module in enumerate(PROJECTION_SLICES[name])}
+
+
+def _build(case: dict, tp, device: str, model=None):
     """(runner, adapter pool or None) over a KV cache of random values."""
     from server.lora.pool import AdapterPool
     from server.model.kv_cache import KVCache
     from server.model.loader import load_model
     from server.model.runner import ModelRunner
 
-    model = load_model(case["model_dir"], torch.float32, device, tp=tp)
+    if model is None:
+        model = load_model(case["model_dir"], torch.float32, device, quantize=case.get("quantize"), tp=tp)
     shard = model.shard_config
     kv = KVCache(shard.num_layers, NUM_BLOCKS, BLOCK_SIZE, shard.num_kv_heads, shard.head_dim, torch.float32, device)
     generator = torch.Generator().manual_seed(7)
@@ -108,6 +118,12 @@ def worker(rank: int, world_size: int, init_method: str, spec_path: str) -> None
                               device_index=torch.device(device).index)
     try:
         results = {name: run_case(case, tp, device) for name, case in spec["cases"].items()}
+        for name, case in spec["cases"].items():
+            if case.get("quantize"):  # what the test builds its dense reference from
+                from server.model.loader import load_model
+
+                shard = load_model(case["model_dir"], torch.float32, device, quantize=case["quantize"], tp=tp)
+                results[f"weights:{name}"] = dense_projections(shard)
         for name in spec["driven"]:
             results[f"driven:{name}"] = run_case_driven(spec["cases"][name], tp, device)
     finally:

@@ -102,7 +102,8 @@ class Projection(nn.Module):
         """x and W (and A) hold this rank's input columns, so `x W^T` and the shrink `x A^T` are
         partial sums: both are all-reduced (the shrink's T x rank is tiny), then the bias and the
         expand with B whole run on every rank, which all end with the same full output."""
-        y = self.all_reduce(F.linear(x, self.weight))  # (T, out)
+        partial = F.linear(x, self.weight) if self.quantized is None else kernels.quantized_linear(x, self.quantized)
+        y = self.all_reduce(partial)  # (T, out)
         if self.bias is not None:
             y += self.bias
         if self._runs_lora(lora_meta):

@@ -62,10 +62,10 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     quantize = check_format(quantize)
     saved = saved_format(path)
     if tp is not None and tp.world_size > 1:
-        if quantize or saved:
-            raise QuantizationError("quantized weights (--quantize, or a quantized checkpoint) are not supported "
-                                    "with --tensor-parallel-size > 1 yet")
-        return _load(path, dtype, device, None, prequantized=False, tp=tp)
+        if saved:
+            raise QuantizationError(f"{path} holds {saved.upper()} weights, which are not split over tensor-parallel "
+                                    "ranks yet; serve its bf16 original with --quantize and --tensor-parallel-size")
+        return _load(path, dtype, device, quantize, prequantized=False, tp=tp)  # each rank quantizes its shard
     if saved is not None:
         if quantize not in (None, saved):
             raise QuantizationError(f"{path} holds {saved.upper()} weights: --quantize {quantize} cannot "
@@ -128,7 +128,7 @@ def _load(path: Path, dtype: torch.dtype, device, quantize: str | None, prequant
                 module = name.removesuffix(".weight")
                 if quantize and name.endswith(".weight") and module in projections:
                     proj = projections[module]
-                    tensor = f.get_tensor(key)
+                    tensor = f.get_tensor(key) if plan is None else plan.read(f, key)
                     expected = (rows or sum(proj.out_sizes), proj.in_features)
                     if tuple(tensor.shape) != expected:
                         raise CheckpointError(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}")

@@ -27,8 +27,10 @@ with the output rows of column-parallel projections; for row-parallel ones each 
 row but only some columns, so the squared row norms are all-reduced when an adapter is loaded
 (server/lora/dora.py). Each rank's shard of an adapter: server/lora/sharding.py.
 
-Quantized weights (--quantize, NF4/FP8 checkpoints) are not sharded yet: the loader refuses them
-under tensor parallelism.
+Quantized weights: with --quantize each rank quantizes its own shard as it loads (NF4's blocks
+and FP8's scales are then those of the shard: a row-parallel module's per-channel FP8 scale
+covers the rank's columns only). Checkpoints saved quantized (bitsandbytes NF4, FP8) are not
+split yet: the loader refuses them under tensor parallelism.
 """
 
 from __future__ import annotations
