@@ -105,7 +105,8 @@ class Metrics:
             "too_large, store_full, bad_request, error)", ["result"], registry=registry)
         self.build_info = Gauge(
             "loraplex_build_info", "Always 1; labels describe the build and the served configuration",
-            ["version", "model", "device", "dtype", "max_loras", "max_lora_rank", "max_num_seqs"], registry=registry)
+            ["version", "model", "device", "dtype", "max_loras", "max_lora_rank", "max_num_seqs", "tensor_parallel_size"],
+            registry=registry)
 
     # --- HTTP layer
     def count_http(self, endpoint: str, status: int) -> None:
@@ -135,7 +136,7 @@ class Metrics:
     def set_build_info(self, *, model: str, device: str, dtype: str, max_loras: int, max_num_seqs: int) -> None:
         """Labels of the served configuration, with the limits the engine resolved (auto defaults)."""
         self.build_info.labels(_version(), model, device, dtype, str(max_loras), str(self.settings.max_lora_rank),
-                               str(max_num_seqs)).set(1)
+                               str(max_num_seqs), str(self.settings.tensor_parallel_size)).set(1)
 
     def bind_engine(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         self.registry.register(_EngineCollector(self.settings, snapshot))

@@ -381,6 +381,7 @@ def test_metrics_parse_and_move_with_traffic(server, http, uploaded, base_name):
     assert delta("loraplex_generations_total", finish_reason="length") == 1
     build = [(dict(labels), v) for (name, labels), v in after.items() if name == "loraplex_build_info"]
     assert len(build) == 1 and build[0][1] == 1 and build[0][0]["model"] == base_name
+    assert build[0][0]["tensor_parallel_size"] == "1"
     # what the Gateway API Inference Extension's endpoint picker reads, under vLLM's names
     assert after[("vllm:num_requests_waiting", ())] == 0
     assert 0 <= after[("vllm:kv_cache_usage_perc", ())] <= 1

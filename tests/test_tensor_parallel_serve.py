@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import shutil
 import time
@@ -127,6 +126,7 @@ def test_tp2_server_answers_as_the_single_process_one(files, single_answers, tmp
         answers = _answers(server)
         blocks = list(Path("/dev/shm").glob(f"loraplex_{server.proc.pid}_*"))
         assert blocks, "the worker's shards went through shared memory"
+        assert 'tensor_parallel_size="2"' in httpx.get(f"{server.base_url}/metrics", timeout=30).text
     finally:
         assert server.stop() == 0, server.log_tail()
     assert not [b for b in blocks if b.exists()], "shared-memory shards left behind"

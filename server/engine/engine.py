@@ -15,6 +15,10 @@ The price: a sequence that stops at step N (EOS, a stop string, an abort) has ru
 token in N+1, which is dropped; one that reaches its length limit is not scheduled again.
 Everything runs on one CUDA stream, so blocks freed at N and reused at N+2 are written in order.
 
+Under tensor parallelism this engine is rank 0's: its runner and adapter pool are
+server/engine/tp_driver.py's, which send every step, warm-up and swap-in to the worker ranks
+first; `build_device_state` is what every rank builds alike.
+
 Requests that ask for more add work only to the steps they are in: log-probabilities
 (server/engine/logprobs.py) one more device -> host copy; a structured output's grammar
 (server/engine/grammar.py) needs its sequence's previous token before its mask, so such a step

@@ -95,8 +95,14 @@ def start_group(settings: Settings, model_dir: str | Path) -> TensorParallelGrou
         process.start()
         group.workers.append(process)
     threading.Thread(target=group._watch, name="tp-worker-watch", daemon=True).start()
-    group.tp = init_tensor_parallel(0, world_size, address, backend=_backend(device), timeout=COLLECTIVE_TIMEOUT,
-                                    device_index=device.index)
+    try:
+        group.tp = init_tensor_parallel(0, world_size, address, backend=_backend(device),
+                                        timeout=COLLECTIVE_TIMEOUT, device_index=device.index)
+    except BaseException:
+        group._closing.set()
+        for process in group.workers:
+            process.kill()
+        raise
     log.info("tensor-parallel group of %d ranks on %s", world_size,
              "CPU processes" if device.type == "cpu" else f"cuda:0..{world_size - 1}")
     return group
