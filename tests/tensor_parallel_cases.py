@@ -90,15 +90,41 @@ def _load_adapters(case: dict, config, load) -> list[int]:
     return slots
 
 
+# all-reduces issued during the steps (not the adapter loads) of the case run last in this process
+STEP_ALL_REDUCES = [0]
+
+
 def _run_steps(case: dict, run, slots: list[int]) -> list[torch.Tensor]:
     from server.model.runner import SequenceChunk
 
     logits = []
+    calls = _count_all_reduces()
     for step in case["steps"]:
         chunks = [SequenceChunk(tokens, start, table, lora_slot=slots[a] if a >= 0 else -1)
                   for tokens, start, table, a in step]
-        logits.append(run(chunks, all_logits=True).cpu())
+        with calls:
+            logits.append(run(chunks, all_logits=True).cpu())
+    STEP_ALL_REDUCES[0] = calls.count
     return logits
+
+
+class _count_all_reduces:
+    """Counts torch.distributed.all_reduce calls made inside `with` (re-enterable)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        self._real = torch.distributed.all_reduce
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self._real(*args, **kwargs)
+
+        torch.distributed.all_reduce = counted
+
+    def __exit__(self, *exc):
+        torch.distributed.all_reduce = self._real
 
 
 def worker(rank: int, world_size: int, init_method: str, spec_path: str) -> None:
@@ -117,7 +143,10 @@ def worker(rank: int, world_size: int, init_method: str, spec_path: str) -> None
     tp = init_tensor_parallel(rank, world_size, init_method, backend=backend, timeout=timedelta(seconds=120),
                               device_index=torch.device(device).index)
     try:
-        results = {name: run_case(case, tp, device) for name, case in spec["cases"].items()}
+        results = {}
+        for name, case in spec["cases"].items():
+            results[name] = run_case(case, tp, device)
+            results[f"all_reduces:{name}"] = STEP_ALL_REDUCES[0]
         for name, case in spec["cases"].items():
             if case.get("quantize"):  # what the test builds its dense reference from
                 from server.model.loader import load_model

@@ -8,6 +8,7 @@ every case (tests/tensor_parallel_cases.py); spawning dominates the time.
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,8 @@ def results(cases):
         _assemble(reference, [ranks[r][f"weights:{name}"] for r in range(WORLD_SIZE)])
         out[name] = (run_case(case, model=reference), ranks[0][name], ranks[1][name])
         out[f"tp1:{name}"] = (run_case(case), run_case(dict(case, quantize=None)))  # quantized whole; dense
+    for name in spec:
+        out[f"all_reduces:{name}"] = (ranks[0][f"all_reduces:{name}"], ranks[1][f"all_reduces:{name}"])
     for name in DRIVEN:
         assert ranks[1][f"driven:{name}"] is None  # workers return nothing: rank 0 holds the logits
         out[f"driven:{name}"] = (out[name][0], ranks[0][f"driven:{name}"], ranks[0][f"driven:{name}"])
@@ -185,6 +188,17 @@ def test_adapters_change_the_logits(results):
             delta = (mixed[0][rows[seq]:rows[seq + 1]] - first[rows[seq]:rows[seq + 1]]).abs().max().item()
             assert delta > 1e3 * RTOL_OF_SCALE * scale, f"{m}: the adapter of sequence {seq} changes nothing"
         torch.testing.assert_close(mixed[0][rows[2]:rows[3]], first[rows[2]:rows[3]], atol=1e-6, rtol=0)
+
+
+def test_lora_adds_no_collective(results, cases):
+    """Two all-reduces a layer a step (o and down), with adapters on every projection or none:
+    a row-parallel LoRA expands its partial shrink before the projection's own all-reduce."""
+    _, spec = cases
+    for m in MODELS:
+        layers = json.loads((Path(spec[f"{m}/base"]["model_dir"]) / "config.json").read_text())["num_hidden_layers"]
+        for kind in ("base", "mixed"):
+            expected = 2 * layers * len(spec[f"{m}/{kind}"]["steps"])
+            assert results[f"all_reduces:{m}/{kind}"] == (expected, expected), (m, kind)
 
 
 # --- the shard plan and loading shard by shard, in this process (no group needed to load)

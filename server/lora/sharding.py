@@ -6,7 +6,8 @@ part its shard of the model reads, following the base weights' split:
 - column-parallel modules (q, k, v, gate, up): A whole, B's output rows (and DoRA's magnitude)
   as the rank's rows of the base weight;
 - row-parallel modules (o, down): A's input columns as the rank's columns of the base weight, B
-  and the magnitude whole (the shrink is all-reduced before the expand: server/model/llama.py).
+  and the magnitude whole (each rank expands its partial shrink into its partial output before the
+  projection's one all-reduce: server/model/llama.py).
 
 Each rank then loads its shard into the same pool slot as every other rank: slot numbering,
 pins and swap-ins are the one scheduler's decisions, so the pools stay identical in layout.

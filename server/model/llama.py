@@ -100,16 +100,18 @@ class Projection(nn.Module):
 
     def _row_parallel_forward(self, x: torch.Tensor, lora_meta: LoRABatchMeta | None) -> torch.Tensor:
         """x and W (and A) hold this rank's input columns, so `x W^T` and the shrink `x A^T` are
-        partial sums: both are all-reduced (the shrink's T x rank is tiny), then the bias and the
-        expand with B whole run on every rank, which all end with the same full output."""
+        partial sums. The expand is linear, so each rank expands its partial shrink with B whole
+        into its partial output and the one all-reduce sums both: LoRA adds no collective. The
+        bias and DoRA's per-channel scale (which needs the full sum) follow on every rank."""
         partial = F.linear(x, self.weight) if self.quantized is None else kernels.quantized_linear(x, self.quantized)
+        runs_lora = self._runs_lora(lora_meta)
+        if runs_lora:
+            lora = self.lora
+            kernels.lora_apply(partial, x, lora.lora_a, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
         y = self.all_reduce(partial)  # (T, out)
         if self.bias is not None:
             y += self.bias
-        if self._runs_lora(lora_meta):
-            lora = self.lora
-            v = self.all_reduce(kernels.lora_shrink(x, lora.lora_a, lora_meta, slot_ranks=lora.slot_ranks))
-            kernels.lora_expand(y, v, lora.lora_b, lora.scales, lora_meta, slot_ranks=lora.slot_ranks)
+        if runs_lora:
             self._dora_scale(y, lora_meta)
         return y
 

@@ -20,9 +20,10 @@ Megatron's split of the Llama family over N ranks, rank r of N:
 
 LoRA follows S-LoRA / Punica. Column-parallel: A whole (it reads the whole input), B sharded by
 output rows exactly as the base weight's slice. Row-parallel: A sharded by input columns as the
-base weight, so the shrink `x A^T` is a partial sum too: its (tokens x rank) result is
-all-reduced (tiny) before the expand, which uses B whole on every rank and adds to the output
-after the base output's all-reduce (server/model/llama.py, Projection). DoRA factors are sharded
+base weight, so the shrink `x A^T` is a partial sum too. S-LoRA all-reduces that (tokens x rank)
+result before the expand; we expand each rank's partial shrink with B whole into the rank's
+partial base output instead, so the projection's one all-reduce sums both (the expand is linear):
+LoRA adds no collective to a step (server/model/llama.py, Projection). DoRA factors are sharded
 with the output rows of column-parallel projections; for row-parallel ones each rank holds every
 row but only some columns, so the squared row norms are all-reduced when an adapter is loaded
 (server/lora/dora.py). Each rank's shard of an adapter: server/lora/sharding.py.
