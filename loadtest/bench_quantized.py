@@ -27,6 +27,7 @@ Writes quantized_bench_<shape>_h200.json (or quantized_kernels_h200.json) and pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -80,9 +81,10 @@ def build(shape: str, fmt: str, device: str):
 
 
 def decode_steps(engine: Engine, adapters: list[str | None], device: str = "cuda", prompt: int | None = None,
-                 steps: int | None = None) -> list[float]:
+                 steps: int | None = None, around_steps=None) -> list[float]:
     """Seconds of each of `steps` (default DECODE_STEPS) decode steps, one sequence per entry of
-    `adapters` (None: the base model), after prefilling `prompt` (default PROMPT) tokens each."""
+    `adapters` (None: the base model), after prefilling `prompt` (default PROMPT) tokens each.
+    `around_steps`: a context manager entered for the timed steps alone (a profiler)."""
     prompt, steps = prompt or PROMPT, steps or DECODE_STEPS
     params = SamplingParams(max_tokens=WARM_STEPS + steps + 4, temperature=0, ignore_eos=True)
     for i, a in enumerate(adapters):
@@ -93,11 +95,12 @@ def decode_steps(engine: Engine, adapters: list[str | None], device: str = "cuda
         engine.step()
     _sync(device)
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    with around_steps if around_steps is not None else contextlib.nullcontext():
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
     for seq in list(engine.scheduler.running):
         engine.abort(seq)
     return times

@@ -20,7 +20,9 @@ within 5% of one GPU's); the roofline of one rank's bytes (its projections' shar
 replicated LM head, its KV heads' cache, its shard of each adapter) over the copy bandwidth
 (target 70B on 2: ITL p50 <= 1.3x); and the all-reduce share of the step, two ways: a profile
 of graph-replayed steps on rank 0 (time in NCCL kernels over the profiled steps' time), and the
-step's all-reduces alone (2 per layer of a batch x hidden activation, timed in a CUDA graph).
+step's all-reduces alone (2 per layer of a batch x hidden activation, timed in a CUDA graph);
+with the same profile, the device's kernel time per step at every size, one GPU included: how
+much of the step the device covers, so what halving its work can give at most.
 
 `--device cpu --shape tiny` is the smoke test's (gloo processes): the same code and JSON.
 Writes tensor_parallel_<shape>_h200.json and prints a table.
@@ -163,7 +165,7 @@ def measure(engine: Engine, spec: dict, world: int, all_reduce_s: float) -> dict
             print(json.dumps({"tp": world, **rows[-1]}), flush=True)
     share = {f"{'tenants' if a else 'base'}": profile_all_reduce_share(engine, names[:batch] if a else [None] * batch,
                                                                         spec)
-             for a in (False, True)} if world > 1 else {}
+             for a in (False, True)}
     engine.close()
     weights = weight_bytes(model)
     head = (model.lm_head if model.lm_head is not None else model.embed_tokens.weight).nbytes  # replicated
@@ -208,28 +210,32 @@ def all_reduce_time(tp, rows: int, hidden: int, device: str, calls: int = 20) ->
 
 
 def profile_all_reduce_share(engine: Engine, adapters: list, spec: dict) -> dict:
-    """Rank 0's profile of PROFILE_STEPS decode steps: time in all-reduce kernels (NCCL on CUDA;
-    gloo's ops on the CPU) over the steps' wall time."""
+    """Rank 0's profile of PROFILE_STEPS decode steps (the prefills before them not profiled):
+    time in all-reduce kernels (NCCL on CUDA; gloo's ops on the CPU) and, on CUDA, in all kernels,
+    per step and as shares of the steps' wall time (each step synchronized: what the device does
+    not cover is the host's launch and scheduling)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        times = decode_steps(engine, adapters, str(engine.device), spec["prompt"], PROFILE_STEPS)
-        wall = time.perf_counter() - start
-    reduce_s = 0.0
+    prof = profile(activities=activities)
+    times = decode_steps(engine, adapters, str(engine.device), spec["prompt"], PROFILE_STEPS, around_steps=prof)
+    reduce_s = kernels_s = 0.0
     for event in prof.key_averages():
         name = event.key.lower()
+        on_device = on_cuda and event.device_type.name == "CUDA"
+        if on_device:
+            kernels_s += event.self_device_time_total / 1e6
         if "allreduce" in name or "all_reduce" in name:
-            if on_cuda and "nccl" in name and event.device_type.name == "CUDA":
+            if on_device and "nccl" in name:
                 reduce_s += event.device_time_total / 1e6
             elif not on_cuda and name.startswith("gloo"):
                 reduce_s += event.cpu_time_total / 1e6
     steps_s = sum(times)
     return {"all_reduce_s_per_step": reduce_s / PROFILE_STEPS, "step_s": steps_s / PROFILE_STEPS,
-            "share": reduce_s / steps_s if steps_s else None, "profiled_wall_s": wall,
-            "note": "includes the prefill steps' all-reduces" if reduce_s > steps_s else ""}
+            "share": reduce_s / steps_s if steps_s else None,
+            "kernels_s_per_step": kernels_s / PROFILE_STEPS if on_cuda else None,
+            "kernels_share": kernels_s / steps_s if on_cuda and steps_s else None}
 
 
 def targets(result: dict) -> dict:
@@ -269,10 +275,14 @@ def table(result: dict) -> str:
             lines.append(f"{run['tp']:2d} {r['batch']:5d} {r['tenants']:7d} {1000 * r['step_p50_s']:10.2f} "
                          f"{1000 * r['step_p90_s']:7.2f} {1000 * r['roofline_step_s']:11.2f} "
                          f"{r['over_roofline']:6.2f} {r['tokens_per_s']:8.0f}")
+        profiled = run["all_reduce_share_profiled"].items()
         if run["tp"] > 1:
             lines.append(f"   all-reduces alone per step: {1000 * run['step_all_reduces_alone_s']:.2f} ms; profiled share: "
-                         + ", ".join(f"{k} {v['share']:.1%}" for k, v in run["all_reduce_share_profiled"].items()
-                                     if v["share"] is not None))
+                         + ", ".join(f"{k} {v['share']:.1%}" for k, v in profiled if v["share"] is not None))
+        if any(v.get("kernels_s_per_step") for _, v in profiled):
+            lines.append("   device kernels per step (profiled): " + ", ".join(
+                f"{k} {1000 * v['kernels_s_per_step']:.2f} ms ({v['kernels_share']:.0%} of the step)"
+                for k, v in profiled if v.get("kernels_s_per_step")))
     return "\n".join(lines)
 
 
