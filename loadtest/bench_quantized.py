@@ -81,9 +81,13 @@ def build(shape: str, fmt: str, device: str):
 
 
 def decode_steps(engine: Engine, adapters: list[str | None], device: str = "cuda", prompt: int | None = None,
-                 steps: int | None = None, around_steps=None) -> list[float]:
+                 steps: int | None = None, around_steps=None, pipelined: bool = False) -> list[float]:
     """Seconds of each of `steps` (default DECODE_STEPS) decode steps, one sequence per entry of
     `adapters` (None: the base model), after prefilling `prompt` (default PROMPT) tokens each.
+    Each step synchronized (its launch, the device's work and its completion, one after another),
+    or `pipelined`: the time between successive returns of engine.step() with no extra
+    synchronization, so that with asynchronous scheduling the host's work for one step overlaps
+    the device's for the one before, as when serving (the inter-token latency a client sees).
     `around_steps`: a context manager entered for the timed steps alone (a profiler)."""
     prompt, steps = prompt or PROMPT, steps or DECODE_STEPS
     params = SamplingParams(max_tokens=WARM_STEPS + steps + 4, temperature=0, ignore_eos=True)
@@ -96,11 +100,17 @@ def decode_steps(engine: Engine, adapters: list[str | None], device: str = "cuda
     _sync(device)
     times = []
     with around_steps if around_steps is not None else contextlib.nullcontext():
+        start = time.perf_counter()
         for _ in range(steps):
-            start = time.perf_counter()
             engine.step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+            if not pipelined:
+                _sync(device)
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+    if pipelined:
+        engine.flush()
+        _sync(device)
     for seq in list(engine.scheduler.running):
         engine.abort(seq)
     return times

@@ -19,7 +19,8 @@ def test_bench_runs_and_reports(tmp_path):
     for run in result["runs"]:
         assert [(r["batch"], r["tenants"]) for r in run["rows"]] == [(1, 0), (1, 1), (4, 0), (4, 4)]
         for row in run["rows"]:
-            assert row["step_p50_s"] > 0 and row["roofline_step_s"] > 0 and row["tokens_per_s"] > 0
+            assert row["step_p50_s"] > 0 and row["itl_p50_s"] > 0 and row["roofline_step_s"] > 0
+            assert row["tokens_per_s"] == pytest.approx(row["batch"] / row["itl_p50_s"])
     one, two = result["runs"]
     assert two["rank_bytes"]["weights"] < one["rank_bytes"]["weights"]  # each rank reads its shard
     assert two["rank_bytes"]["adapter"] < one["rank_bytes"]["adapter"]
