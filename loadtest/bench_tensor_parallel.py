@@ -23,7 +23,9 @@ within 5% of one GPU's); the roofline of one rank's bytes (its projections' shar
 replicated LM head, its KV heads' cache, its shard of each adapter) over the copy bandwidth
 (target 70B on 2: ITL p50 <= 1.3x); and the all-reduce share of the step, two ways: a profile
 of graph-replayed steps on rank 0 (time in NCCL kernels over the profiled steps' time), and the
-step's all-reduces alone (2 per layer of a batch x hidden activation, timed in a CUDA graph);
+step's all-reduces alone (2 per layer of a batch x hidden activation, timed in a CUDA graph),
+by NCCL and, beside it, by PyTorch's symmetric-memory one-shot and two-shot all-reduces (measured
+only: what could replace NCCL's in the forward);
 with the same profile, the device's kernel time per step at every size, one GPU included: how
 much of the step the device covers, so what halving its work can give at most.
 
@@ -127,6 +129,9 @@ def rank_main(rank: int, world: int, address: str, spec: dict, out_path: str) ->
     shape = SHAPES[spec["shape"]]
     batch = max(spec["batches"])
     all_reduce_s = all_reduce_time(tp, batch, shape["hidden_size"], device) if tp is not None else 0.0
+    # what NCCL's all-reduce could be replaced by (measured only; the forward uses NCCL's)
+    other_all_reduces = {method: symmetric_all_reduce_time(tp, batch, shape["hidden_size"], device, method)
+                         for method in SYMMETRIC_METHODS} if tp is not None and on_cuda else {}
     dtype = torch.bfloat16 if on_cuda else torch.float32
     model = random_model(shape, dtype, device, seed=rank, tp=tp)
     max_len = spec["prompt"] + WARM_STEPS + spec["decode_steps"] + 16
@@ -138,6 +143,9 @@ def rank_main(rank: int, world: int, address: str, spec: dict, out_path: str) ->
         worker_loop(runner, pool, tp)
     else:
         run = measure(Engine(model, StubTokenizer(), settings), spec, world, all_reduce_s)
+        run["step_all_reduces_alone_by_method_s"] = {
+            method: (2 * model.config.num_layers * t if isinstance(t, float) else t)
+            for method, t in {"nccl": all_reduce_s, **other_all_reduces}.items()}
         Path(out_path).write_text(json.dumps(run))
     if tp is not None:
         dist.barrier(group=tp.commands)
@@ -199,10 +207,54 @@ def all_reduce_time(tp, rows: int, hidden: int, device: str, calls: int = 20) ->
             tp.all_reduce(x)
         return (time.perf_counter() - start) / calls
     torch.cuda.synchronize()
+    return _graph_time(lambda: tp.all_reduce(x), calls)
+
+
+SYMMETRIC_METHODS = ("symm_mem_one_shot", "symm_mem_two_shot")
+
+
+def symmetric_all_reduce_time(tp, rows: int, hidden: int, device: str, method: str, calls: int = 20) -> float | str:
+    """Seconds of one all-reduce of the (rows, hidden) bf16 activation through PyTorch's symmetric
+    memory (peer-to-peer over NVLink: one shot, every rank reads every peer's buffer; two shot, a
+    reduce-scatter then an all-gather), the copy into the symmetric buffer included, in a CUDA
+    graph as `all_reduce_time`; no multicast (this workplace keeps NVLS off). A string: why it
+    could not run (every rank gets the same)."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group_name = (tp.group if tp.group is not None else dist.group.WORLD).group_name
+        x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+        buffer = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device=device)
+        symm_mem.rendezvous(buffer, group_name)
+        out = torch.empty_like(x)
+
+        def reduce():
+            buffer.copy_(x)
+            if method == "symm_mem_one_shot":
+                torch.ops.symm_mem.one_shot_all_reduce_out(buffer, "sum", group_name, out)
+            else:
+                torch.ops.symm_mem.two_shot_all_reduce_out(buffer, "sum", group_name, out)
+
+        reduce()
+        torch.cuda.synchronize()
+        expected = x.float().clone()
+        dist.all_reduce(expected, group=tp.group)
+        agree = torch.tensor([int(torch.allclose(out.float(), expected, rtol=2e-2,
+                                                 atol=2e-2 * expected.abs().max().item()))], device=device)
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=tp.group)  # every rank times it, or none
+        if not agree.item():
+            return f"{method}: the sum differs from NCCL's"
+        return _graph_time(reduce, calls)
+    except Exception as exc:  # an older torch, no peer access: reported, NCCL's figure stands
+        return f"{method}: {type(exc).__name__}: {exc}"
+
+
+def _graph_time(fn, calls: int) -> float:
+    """Seconds of one call of `fn` (CUDA work), `calls` of them captured in one CUDA graph, median of 5 replays."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
-            tp.all_reduce(x)
+            fn()
     samples = []
     for _ in range(5):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -285,6 +337,9 @@ def table(result: dict) -> str:
         if run["tp"] > 1:
             lines.append(f"   all-reduces alone per step: {1000 * run['step_all_reduces_alone_s']:.2f} ms; profiled share: "
                          + ", ".join(f"{k} {v['share']:.1%}" for k, v in profiled if v["share"] is not None))
+            lines.append("   the step's all-reduces alone by method: " + ", ".join(
+                f"{k} {1000 * v:.2f} ms" if isinstance(v, float) else v
+                for k, v in run.get("step_all_reduces_alone_by_method_s", {}).items()))
         if any(v.get("kernels_s_per_step") for _, v in profiled):
             lines.append("   device kernels per step (profiled): " + ", ".join(
                 f"{k} {1000 * v['kernels_s_per_step']:.2f} ms ({v['kernels_share']:.0%} of the step)"

@@ -112,3 +112,24 @@ def test_an_nccl_all_reduce_replays_inside_a_cuda_graph():
         assert torch.equal(y, torch.full_like(y, 6))
     finally:
         dist.destroy_process_group()
+
+
+def test_the_benchmarks_symmetric_memory_all_reduces_run_in_a_group_of_one():
+    """The benchmark's measurement of symmetric-memory all-reduces beside NCCL's
+    (loadtest/bench_tensor_parallel.py): its setup, check and graph capture run here (a group of
+    one: no peer is read); on several GPUs the same code compares them."""
+    import torch.distributed as dist
+
+    from loadtest.bench_tensor_parallel import SYMMETRIC_METHODS, symmetric_all_reduce_time
+    from server.model.tensor_parallel import init_tensor_parallel
+
+    tp = init_tensor_parallel(0, 1, free_tcp_address(), backend="nccl", device_index=0)
+    try:
+        assert SYMMETRIC_METHODS == ("symm_mem_one_shot", "symm_mem_two_shot")
+        seconds = symmetric_all_reduce_time(tp, 64, 4096, "cuda:0", "symm_mem_one_shot")
+        assert isinstance(seconds, float) and 0 < seconds < 1e-3, seconds
+        # two shot splits the buffer between ranks: PyTorch refuses a group of one, and the
+        # benchmark reports why instead of a time
+        assert "world_size=1" in symmetric_all_reduce_time(tp, 64, 4096, "cuda:0", "symm_mem_two_shot")
+    finally:
+        dist.destroy_process_group()
