@@ -29,6 +29,13 @@ only: what could replace NCCL's in the forward);
 with the same profile, the device's kernel time per step at every size, one GPU included: how
 much of the step the device covers, so what halving its work can give at most.
 
+`--one-rank-of 2,4` also runs, in this one process on one GPU, the model one rank of a group of
+that size holds (its heads, KV heads and intermediate channels; hidden size, vocabulary and LM
+head whole) with adapters of one rank's shard shapes: every kernel of a rank's step except its
+all-reduces, so one GPU measures what a rank computes, and the targets say how long each of the
+step's 2 x layers all-reduces may then take (`all_reduce_budget_s`). A 70B rank of 2 (70 GB)
+fits one H200: `--shape llama2-70b --tp '' --one-rank-of 2,4`.
+
 `--device cpu --shape tiny` is the smoke test's (gloo processes): the same code and JSON.
 Writes tensor_parallel_<shape>_h200.json and prints a table.
 """
@@ -52,8 +59,9 @@ from loadtest.roofline import DecodeBytes, copy_bandwidth, roofline
 from server.config import Settings
 from server.engine.engine import Engine, build_device_state
 from server.engine.tp_driver import worker_loop
+from server.model.config import ModelConfig
 from server.model.quantized import weight_bytes
-from server.model.tensor_parallel import free_tcp_address, init_tensor_parallel
+from server.model.tensor_parallel import ShardPlan, free_tcp_address, init_tensor_parallel
 
 TINY = dict(LLAMA2_7B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
@@ -69,7 +77,9 @@ LORA_RATIO_TOLERANCE = 0.05  # LoRA/base throughput ratio under TP against one G
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
-    parser.add_argument("--tp", default="1,2", help="comma-separated group sizes, e.g. 1,2,4")
+    parser.add_argument("--tp", default="1,2", help="comma-separated group sizes, e.g. 1,2,4 ('' for none)")
+    parser.add_argument("--one-rank-of", default="", help="comma-separated group sizes whose one rank (no "
+                        "all-reduce) runs alone on one GPU, e.g. 2,4")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--tenants", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
@@ -79,8 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = [int(n) for n in args.tp.split(",")]
-    if args.device == "cuda" and max(sizes) > torch.cuda.device_count():
+    sizes = [int(n) for n in args.tp.split(",") if n]
+    one_rank_of = [int(n) for n in args.one_rank_of.split(",") if n]
+    if any(n < 2 for n in one_rank_of):
+        parser.error("--one-rank-of: group sizes of 2 or more")
+    for n in one_rank_of:
+        ShardPlan(ModelConfig.from_hf_dict(SHAPES[args.shape]), 0, n)  # the shape splits over n (else its error)
+    if args.device == "cuda" and max(sizes, default=1) > torch.cuda.device_count():
         raise SystemExit(f"--tp {args.tp} needs {max(sizes)} GPUs; this machine has {torch.cuda.device_count()}")
     spec = {"shape": args.shape, "batches": [int(b) for b in args.batches.split(",")], "tenants": args.tenants,
             "prompt": args.prompt, "decode_steps": args.decode_steps, "device": args.device}
@@ -89,23 +104,25 @@ def main(argv: list[str] | None = None) -> None:
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "gpus_on_host": torch.cuda.device_count() if args.device == "cuda" else 0,
               "copy_bandwidth_bytes_per_s": bandwidth, "torch": torch.__version__, "rank": RANK,
-              "modules": list(QKVO), **spec, "runs": []}
+              "modules": list(QKVO), **spec, "runs": [], "one_rank_runs": []}
     path = out / f"tensor_parallel_{args.shape}_h200.json"
-    for world in sizes:
-        run_path = out / f".tp{world}.json"
+    for world, one_rank in [(n, False) for n in sizes] + [(n, True) for n in one_rank_of]:
+        run_path = out / f".tp{world}{'-rank' if one_rank else ''}.json"
         start = time.perf_counter()
-        if world == 1:
-            rank_main(0, 1, "", spec, str(run_path))
+        if world == 1 or one_rank:
+            rank_main(0, 1, "", dict(spec, one_rank_of=world if one_rank else 1), str(run_path))
         else:
             mp.spawn(rank_main, args=(world, free_tcp_address(), spec, str(run_path)), nprocs=world, join=True)
         run = json.loads(run_path.read_text())
         run_path.unlink()
         run["wall_s"] = time.perf_counter() - start
+        if one_rank:
+            run.update(tp=1, one_rank_of=world)
         for row in run["rows"]:
             roof = roofline(DecodeBytes(**run["rank_bytes"]), row["batch"], run["mean_context"],
                             row["distinct_adapters"], bandwidth)
             row.update(roofline_step_s=roof["step_s"], over_roofline=row["itl_p50_s"] / roof["step_s"])
-        result["runs"].append(run)
+        result["one_rank_runs" if one_rank else "runs"].append(run)
         print(json.dumps({k: v for k, v in run.items() if k != "rows"}), flush=True)
         path.write_text(json.dumps(result, indent=2))  # after each size
     result["targets"] = targets(result)
@@ -126,7 +143,7 @@ def rank_main(rank: int, world: int, address: str, spec: dict, out_path: str) ->
     if world > 1:
         tp = init_tensor_parallel(rank, world, address, backend="nccl" if on_cuda else "gloo",
                                   device_index=rank if on_cuda else None)
-    shape = SHAPES[spec["shape"]]
+    shape = one_rank_shape(SHAPES[spec["shape"]], spec.get("one_rank_of", 1))
     batch = max(spec["batches"])
     all_reduce_s = all_reduce_time(tp, batch, shape["hidden_size"], device) if tp is not None else 0.0
     # what NCCL's all-reduce could be replaced by (measured only; the forward uses NCCL's)
@@ -150,6 +167,16 @@ def rank_main(rank: int, world: int, address: str, spec: dict, out_path: str) ->
     if tp is not None:
         dist.barrier(group=tp.commands)
         dist.destroy_process_group()
+
+
+def one_rank_shape(shape: dict, world: int) -> dict:
+    """The HF config of the model one rank of `world` holds, as a model of its own (rank 0's shard
+    plan: its heads, KV heads, intermediate channels; head_dim, hidden size and vocabulary whole)."""
+    if world == 1:
+        return shape
+    local = ShardPlan(ModelConfig.from_hf_dict(shape), 0, world).local_config
+    return dict(shape, num_attention_heads=local.num_heads, num_key_value_heads=local.num_kv_heads,
+                intermediate_size=local.intermediate_size, head_dim=local.head_dim)
 
 
 def measure(engine: Engine, spec: dict, world: int, all_reduce_s: float) -> dict:
@@ -318,6 +345,9 @@ def targets(result: dict) -> dict:
     if result["shape"] == "llama2-70b" and "tp2" in t:
         met = t["tp2"]["over_roofline_base"] <= ROOFLINE_TARGET
         t["70b_2gpu_roofline_target"] = f"<= {ROOFLINE_TARGET}x: {'met' if met else 'missed'}"
+    layers = SHAPES[result["shape"]]["num_hidden_layers"]
+    for run in result.get("one_rank_runs", []):
+        t[f"one_rank_of_{run['one_rank_of']}"] = one_rank_figures(run, runs, batch, layers, result["shape"])
     for tp in sorted(runs):
         if tp > 1 and "lora_ratio_vs_one_gpu" in t[f"tp{tp}"]:
             met = abs(t[f"tp{tp}"]["lora_ratio_vs_one_gpu"]) <= LORA_RATIO_TOLERANCE
@@ -325,12 +355,40 @@ def targets(result: dict) -> dict:
     return t
 
 
+def one_rank_figures(run: dict, runs: dict, batch: int, layers: int, shape: str) -> dict:
+    """What one rank of `run['one_rank_of']` measured alone (no all-reduce) says: its step against
+    one GPU's, its LoRA/base ratio, and how long each of the step's 2 x `layers` all-reduces may
+    take for the issue's target of that shape to be met (negative: missed whatever they cost);
+    with a real group of that size measured too, what its all-reduces did cost per step."""
+    n = run["one_rank_of"]
+    base = next(r for r in run["rows"] if r["batch"] == batch and r["tenants"] == 0)
+    tenants = next(r for r in run["rows"] if r["batch"] == batch and r["tenants"] > 0)
+    f = {"itl_p50_base_s": base["itl_p50_s"], "itl_p50_tenants_s": tenants["itl_p50_s"],
+         "lora_over_base_throughput": tenants["tokens_per_s"] / base["tokens_per_s"],
+         "over_roofline_base": base["over_roofline"], "all_reduces_per_step": 2 * layers}
+    one_gpu = runs.get(1)
+    if one_gpu is not None:
+        one = next(r for r in one_gpu["rows"] if r["batch"] == batch and r["tenants"] == 0)
+        one_tenants = next(r for r in one_gpu["rows"] if r["batch"] == batch and r["tenants"] > 0)
+        f["step_over_one_gpu_base"] = base["itl_p50_s"] / one["itl_p50_s"]
+        f["lora_ratio_vs_one_gpu"] = f["lora_over_base_throughput"] / (one_tenants["tokens_per_s"] / one["tokens_per_s"]) - 1
+        if shape == "llama2-7b" and n == 2:
+            f["all_reduce_budget_s"] = (STEP_RATIO_TARGET * one["itl_p50_s"] - base["itl_p50_s"]) / (2 * layers)
+    if shape == "llama2-70b" and n == 2:
+        f["all_reduce_budget_s"] = (ROOFLINE_TARGET * base["roofline_step_s"] - base["itl_p50_s"]) / (2 * layers)
+    if n in runs:  # the real group's step less its rank's compute: what communication cost
+        real = next(r for r in runs[n]["rows"] if r["batch"] == batch and r["tenants"] == 0)
+        f["group_step_over_one_rank_alone"] = real["itl_p50_s"] / base["itl_p50_s"]
+        f["communication_s_per_step"] = real["itl_p50_s"] - base["itl_p50_s"]
+    return f
+
+
 def table(result: dict) -> str:
-    lines = [f"{'TP':>2} {'batch':>5} {'tenants':>7} {'ITL p50 ms':>10} {'p90 ms':>7} {'roofline ms':>11} "
+    lines = [f"{'TP':>3} {'batch':>5} {'tenants':>7} {'ITL p50 ms':>10} {'p90 ms':>7} {'roofline ms':>11} "
              f"{'x roof':>6} {'tok/s':>8} {'synced step p50 ms':>18}"]
     for run in result["runs"]:
         for r in run["rows"]:
-            lines.append(f"{run['tp']:2d} {r['batch']:5d} {r['tenants']:7d} {1000 * r['itl_p50_s']:10.2f} "
+            lines.append(f"{run['tp']:3d} {r['batch']:5d} {r['tenants']:7d} {1000 * r['itl_p50_s']:10.2f} "
                          f"{1000 * r['itl_p90_s']:7.2f} {1000 * r['roofline_step_s']:11.2f} "
                          f"{r['over_roofline']:6.2f} {r['tokens_per_s']:8.0f} {1000 * r['step_p50_s']:18.2f}")
         profiled = run["all_reduce_share_profiled"].items()
@@ -344,6 +402,16 @@ def table(result: dict) -> str:
             lines.append("   device kernels per step (profiled): " + ", ".join(
                 f"{k} {1000 * v['kernels_s_per_step']:.2f} ms ({v['kernels_share']:.0%} of the step)"
                 for k, v in profiled if v.get("kernels_s_per_step")))
+    for run in result.get("one_rank_runs", []):
+        for r in run["rows"]:
+            lines.append(f"{'1/' + str(run['one_rank_of']):>3} {r['batch']:5d} {r['tenants']:7d} {1000 * r['itl_p50_s']:10.2f} "
+                         f"{1000 * r['itl_p90_s']:7.2f} {1000 * r['roofline_step_s']:11.2f} "
+                         f"{r['over_roofline']:6.2f} {r['tokens_per_s']:8.0f} {1000 * r['step_p50_s']:18.2f}")
+        kernels = [f"{k} {1000 * v['kernels_s_per_step']:.2f} ms" for k, v in run["all_reduce_share_profiled"].items()
+                   if v.get("kernels_s_per_step")]
+        if kernels:
+            lines.append(f"   one rank of {run['one_rank_of']} alone (no all-reduce), device kernels per step: "
+                         + ", ".join(kernels))
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@
 #   bash loadtest/gpu_session.sh prefix [bench_prefix_structured.py args]   # prefix caching on/off, structured outputs
 #   bash loadtest/gpu_session.sh tp 7b [--tp 1,2,4]   # issue 17: TP GPU tests, then the 7B on 1/2/4 GPUs
 #   bash loadtest/gpu_session.sh tp 70b [--tp 2,4]    # the 70B bf16 on 2 and 4 GPUs (multi-GPU kinds)
+#     one GPU: tp 7b --tp 1 --one-rank-of 2,4; tp 70b --tp "" --one-rank-of 2,4 (a rank of 2 or 4 alone, no all-reduce)
 #
 # peft and scale leave their checkpoint in /tmp/bench; upload serves it when it is there.
 #
