@@ -69,6 +69,7 @@ SHAPES = {"llama2-7b": LLAMA2_7B, "llama2-70b": LLAMA2_70B, "tiny": TINY}
 RANK = 16
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROFILE_STEPS = 8
+TOP_KERNELS = 16  # the profile's kinds of kernel listed, by device time
 STEP_RATIO_TARGET = 0.6  # 7B decode step on 2 GPUs over 1 GPU's
 ROOFLINE_TARGET = 1.3  # 70B on 2 GPUs, ITL p50 over its roofline
 LORA_RATIO_TOLERANCE = 0.05  # LoRA/base throughput ratio under TP against one GPU's
@@ -305,11 +306,13 @@ def profile_all_reduce_share(engine: Engine, adapters: list, spec: dict) -> dict
     prof = profile(activities=activities)
     times = decode_steps(engine, adapters, str(engine.device), spec["prompt"], PROFILE_STEPS, around_steps=prof)
     reduce_s = kernels_s = 0.0
+    kernels = []  # (seconds, calls, name) of each kind of device kernel over the profiled steps
     for event in prof.key_averages():
         name = event.key.lower()
         on_device = on_cuda and event.device_type.name == "CUDA"
         if on_device:
             kernels_s += event.self_device_time_total / 1e6
+            kernels.append((event.self_device_time_total / 1e6, event.count, event.key))
         if "allreduce" in name or "all_reduce" in name:
             if on_device and "nccl" in name:
                 reduce_s += event.device_time_total / 1e6
@@ -319,7 +322,11 @@ def profile_all_reduce_share(engine: Engine, adapters: list, spec: dict) -> dict
     return {"all_reduce_s_per_step": reduce_s / PROFILE_STEPS, "step_s": steps_s / PROFILE_STEPS,
             "share": reduce_s / steps_s if steps_s else None,
             "kernels_s_per_step": kernels_s / PROFILE_STEPS if on_cuda else None,
-            "kernels_share": kernels_s / steps_s if on_cuda and steps_s else None}
+            "kernels_share": kernels_s / steps_s if on_cuda and steps_s else None,
+            # how many kernels a step launches (each a gap on the device) and where its time goes
+            "kernel_launches_per_step": sum(calls for _, calls, _ in kernels) / PROFILE_STEPS if on_cuda else None,
+            "top_kernels": [{"name": name[:100], "s_per_step": t / PROFILE_STEPS, "calls_per_step": calls / PROFILE_STEPS}
+                            for t, calls, name in sorted(kernels, reverse=True)[:TOP_KERNELS]]}
 
 
 def targets(result: dict) -> dict:
