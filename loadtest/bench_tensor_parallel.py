@@ -45,7 +45,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = {"shape": args.shape, "batches": [int(b) for b in args.batches.split(",")], "tenants": args.tenants,
             "prompt": args.prompt, "decode_steps": args.decode_steps, "device": args.device}
     bandwidth = copy_bandwidth("cuda:0" if args.device == "cuda" else "cpu")["bytes_per_s"]
-    result = {"command": "PYTHONPATH=. python3 loadtest/bench_tensor_parallel.py " + " ".join(argv or []),
+    command = ["PYTHONPATH=.", "python3", "loadtest/bench_tensor_parallel.py",
+               *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
+    result = {"command": " ".join(command),
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "gpus_on_host": torch.cuda.device_count() if args.device == "cuda" else 0,
               "copy_bandwidth_bytes_per_s": bandwidth, "torch": torch.__version__, "rank": RANK,
