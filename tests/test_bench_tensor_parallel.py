@@ -8,9 +8,7 @@ import pytest
 
 from loadtest import bench_tensor_parallel
 
-pytestmark = pytest.mark.slow  # two spawned groups: about 30 s on two cores
-
-
+@pytest.mark.slow  # two spawned groups and a rank alone: about 40 s on two cores
 def test_bench_runs_and_reports(tmp_path):
     bench_tensor_parallel.main(["--shape", "tiny", "--tp", "1,2", "--device", "cpu", "--batches", "1,4",
                                 "--tenants", "4", "--prompt", "8", "--decode-steps", "4", "--one-rank-of", "2",
