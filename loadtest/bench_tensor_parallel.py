@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(n < 2 for n in one_rank_of):
         parser.error("--one-rank-of: group sizes of 2 or more")
     for n in one_rank_of:
-        ShardPlan(ModelConfig.from_hf_dict(SHAPES[args.shape]), 0, n)  # the shape splits over n (else its error)
+        one_rank_shape(SHAPES[args.shape], n)  # the shape splits over n (else the shard plan's error), before any run
     if args.device == "cuda" and max(sizes, default=1) > torch.cuda.device_count():
         raise SystemExit(f"--tp {args.tp} needs {max(sizes)} GPUs; this machine has {torch.cuda.device_count()}")
     spec = {"shape": args.shape, "batches": [int(b) for b in args.batches.split(",")], "tenants": args.tenants,
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         run_path.unlink()
         run["wall_s"] = time.perf_counter() - start
         if one_rank:
-            run.update(tp=1, one_rank_of=world)
+            run["one_rank_of"] = world
         for row in run["rows"]:
             roof = roofline(DecodeBytes(**run["rank_bytes"]), row["batch"], run["mean_context"],
                             row["distinct_adapters"], bandwidth)
@@ -338,7 +338,7 @@ def targets(result: dict) -> dict:
     batch = max(result["batches"])
 
     def row(tp: int, tenants: bool) -> dict:
-        return next(r for r in runs[tp]["rows"] if r["batch"] == batch and (r["tenants"] > 0) == tenants)
+        return batch_row(runs[tp], batch, tenants)
 
     t = {}
     for tp in sorted(runs):
@@ -366,21 +366,24 @@ def targets(result: dict) -> dict:
     return t
 
 
+def batch_row(run: dict, batch: int, tenants: bool) -> dict:
+    """`run`'s row at `batch` sequences, base model or one tenant's adapter each."""
+    return next(r for r in run["rows"] if r["batch"] == batch and (r["tenants"] > 0) == tenants)
+
+
 def one_rank_figures(run: dict, runs: dict, batch: int, layers: int, shape: str) -> dict:
     """What one rank of `run['one_rank_of']` measured alone (no all-reduce) says: its step against
     one GPU's, its LoRA/base ratio, and how long each of the step's 2 x `layers` all-reduces may
     take for the issue's target of that shape to be met (negative: missed whatever they cost);
     with a real group of that size measured too, what its all-reduces did cost per step."""
     n = run["one_rank_of"]
-    base = next(r for r in run["rows"] if r["batch"] == batch and r["tenants"] == 0)
-    tenants = next(r for r in run["rows"] if r["batch"] == batch and r["tenants"] > 0)
+    base, tenants = batch_row(run, batch, False), batch_row(run, batch, True)
     f = {"itl_p50_base_s": base["itl_p50_s"], "itl_p50_tenants_s": tenants["itl_p50_s"],
          "lora_over_base_throughput": tenants["tokens_per_s"] / base["tokens_per_s"],
          "over_roofline_base": base["over_roofline"], "all_reduces_per_step": 2 * layers}
     one_gpu = runs.get(1)
     if one_gpu is not None:
-        one = next(r for r in one_gpu["rows"] if r["batch"] == batch and r["tenants"] == 0)
-        one_tenants = next(r for r in one_gpu["rows"] if r["batch"] == batch and r["tenants"] > 0)
+        one, one_tenants = batch_row(one_gpu, batch, False), batch_row(one_gpu, batch, True)
         f["step_over_one_gpu_base"] = base["itl_p50_s"] / one["itl_p50_s"]
         f["lora_ratio_vs_one_gpu"] = f["lora_over_base_throughput"] / (one_tenants["tokens_per_s"] / one["tokens_per_s"]) - 1
         if shape == "llama2-7b" and n == 2:
@@ -388,7 +391,7 @@ def one_rank_figures(run: dict, runs: dict, batch: int, layers: int, shape: str)
     if shape == "llama2-70b" and n == 2:
         f["all_reduce_budget_s"] = (ROOFLINE_TARGET * base["roofline_step_s"] - base["itl_p50_s"]) / (2 * layers)
     if n in runs:  # the real group's step less its rank's compute: what communication cost
-        real = next(r for r in runs[n]["rows"] if r["batch"] == batch and r["tenants"] == 0)
+        real = batch_row(runs[n], batch, False)
         f["group_step_over_one_rank_alone"] = real["itl_p50_s"] / base["itl_p50_s"]
         f["communication_s_per_step"] = real["itl_p50_s"] - base["itl_p50_s"]
     return f
@@ -399,9 +402,7 @@ def table(result: dict) -> str:
              f"{'x roof':>6} {'tok/s':>8} {'synced step p50 ms':>18}"]
     for run in result["runs"]:
         for r in run["rows"]:
-            lines.append(f"{run['tp']:3d} {r['batch']:5d} {r['tenants']:7d} {1000 * r['itl_p50_s']:10.2f} "
-                         f"{1000 * r['itl_p90_s']:7.2f} {1000 * r['roofline_step_s']:11.2f} "
-                         f"{r['over_roofline']:6.2f} {r['tokens_per_s']:8.0f} {1000 * r['step_p50_s']:18.2f}")
+            lines.append(_table_row(str(run["tp"]), r))
         profiled = run["all_reduce_share_profiled"].items()
         if run["tp"] > 1:
             lines.append(f"   all-reduces alone per step: {1000 * run['step_all_reduces_alone_s']:.2f} ms; profiled share: "
@@ -415,15 +416,19 @@ def table(result: dict) -> str:
                 for k, v in profiled if v.get("kernels_s_per_step")))
     for run in result.get("one_rank_runs", []):
         for r in run["rows"]:
-            lines.append(f"{'1/' + str(run['one_rank_of']):>3} {r['batch']:5d} {r['tenants']:7d} {1000 * r['itl_p50_s']:10.2f} "
-                         f"{1000 * r['itl_p90_s']:7.2f} {1000 * r['roofline_step_s']:11.2f} "
-                         f"{r['over_roofline']:6.2f} {r['tokens_per_s']:8.0f} {1000 * r['step_p50_s']:18.2f}")
+            lines.append(_table_row(f"1/{run['one_rank_of']}", r))
         kernels = [f"{k} {1000 * v['kernels_s_per_step']:.2f} ms" for k, v in run["all_reduce_share_profiled"].items()
                    if v.get("kernels_s_per_step")]
         if kernels:
             lines.append(f"   one rank of {run['one_rank_of']} alone (no all-reduce), device kernels per step: "
                          + ", ".join(kernels))
     return "\n".join(lines)
+
+
+def _table_row(group: str, r: dict) -> str:
+    return (f"{group:>3} {r['batch']:5d} {r['tenants']:7d} {1000 * r['itl_p50_s']:10.2f} {1000 * r['itl_p90_s']:7.2f} "
+            f"{1000 * r['roofline_step_s']:11.2f} {r['over_roofline']:6.2f} {r['tokens_per_s']:8.0f} "
+            f"{1000 * r['step_p50_s']:18.2f}")
 
 
 if __name__ == "__main__":
